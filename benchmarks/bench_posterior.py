@@ -89,6 +89,7 @@ from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN
 from cleanprior.metrics import sinkhorn_divergence
 from cleanprior.operators import Blur, Downsample, Mask, Matrix, Operator, gaussian_kernel, random_mask, random_projection
 from cleanprior.posterior import METHODS
+from cleanprior.posterior.smc import systematic_resample
 
 NOISE_STD = 0.05
 DIGIT_COMPONENTS = 256
@@ -96,7 +97,7 @@ DIGIT_STD = 0.1
 TASKS = ("manifold", "inpaint", "downsample", "blur")
 
 METHOD_OPTIONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
-    "dps": (("Gaussian likelihood", {}),),
+    "dps": (("widened likelihood", {}),),
     "mmps": (
         ("cg 1", {"iterations": 1}),
         ("cg 3", {"iterations": 3}),
@@ -110,6 +111,9 @@ METHOD_OPTIONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
 }
 """Per method: (label, options of ``sample_posterior``) for each row."""
 
+MAX_STEPS = {("tds", "dps twist, 8 particles"): 64}
+"""Rows skipped above this many steps: 8 independent particles per draw cost 8x the others."""
+
 NEEDS_PINV = {"ilvr", "mcg"}
 """Methods that apply ``A.pinv``; they are skipped on operators without one (``dc`` runs in its
 default gradient mode, which needs only the adjoint)."""
@@ -117,7 +121,7 @@ default gradient mode, which needs only the adjoint)."""
 AZULA_COUNTERPARTS: dict[tuple[str, str], str] = {
     ("mmps", "cg 1"): "azula MMPS cg 1",
     ("mmps", "cg 3"): "azula MMPS cg 3",
-    ("tds", "dps twist, 8 particles"): "azula TDS",
+    ("tds", "dps twist, one system per observation"): "azula TDS",
 }
 """Our row (method, label) -> the azula row it is compared with."""
 
@@ -137,7 +141,7 @@ class Plan:
     steps: tuple[int, ...]
 
 
-FULL = Plan(observations=4, samples=256, steps=(16, 64, 256))
+FULL = Plan(observations=4, samples=64, steps=(16, 64, 256))
 QUICK = Plan(observations=2, samples=64, steps=(16, 64))
 
 
@@ -344,6 +348,9 @@ def run_ours(task: Task, method: str, label: str, options: dict[str, Any], steps
     if method in NEEDS_PINV and not task.has_pinv:
         row.note = "skipped: needs A.pinv, which this operator lacks"
         return row
+    if steps > MAX_STEPS.get((method, label), steps):
+        row.note = f"skipped above {MAX_STEPS[(method, label)]} steps (cost)"
+        return row
     counter = CountingDenoiser(task.prior.denoiser)
     total = plan.observations * plan.samples
     y = task.y.repeat_interleave(plan.samples, 0)
@@ -412,6 +419,29 @@ def run_azula_tds(task: Task, steps: int, plan: Plan, seed: int) -> Row:
                 torch.manual_seed(global_seed)
                 sets.append(sampler(x_T))
         return torch.cat(sets)
+
+    out = timed(row, counter, plan.observations * plan.samples, draw)
+    if out is not None:
+        row.score = score(task, out.reshape(plan.observations, plan.samples, -1))
+    return row
+
+
+def run_ours_tds_system(task: Task, steps: int, plan: Plan, seed: int) -> Row:
+    """Our TDS run as azula's is: once per observation with ``samples`` particles, all of which are
+    returned (systematically resampled by their final weights), so both cost the same per draw."""
+    row = Row("tds", "dps twist, one system per observation", steps)
+    counter = CountingDenoiser(task.prior.denoiser)
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw() -> Tensor:
+        _, info = sample_posterior(
+            counter, task.operator(1, None), task.y, shape=task.prior.shape, noise_std=NOISE_STD,
+            method="tds", steps=steps, generator=generator, particles=plan.samples, twist="dps",
+            return_info=True,
+        )
+        weights = torch.softmax(info["log_weights"], 1)
+        rows = systematic_resample(weights, generator)
+        return torch.stack([info["particles"][i, rows[i]] for i in range(plan.observations)]).flatten(0, 1)
 
     out = timed(row, counter, plan.observations * plan.samples, draw)
     if out is not None:
@@ -512,6 +542,8 @@ def run(plan: Plan, tasks: Sequence[str], methods: Sequence[str], seed: int) -> 
                 print(f"  {rows[-1].name} {steps}: {rows[-1].note or 'ok'}", file=sys.stderr)
             for iterations in (1, 3):
                 rows.append(run_azula_mmps(task, iterations, steps, plan, run_seed))
+            if "tds" in methods:
+                rows.append(run_ours_tds_system(task, steps, plan, run_seed))
             rows.append(run_azula_tds(task, steps, plan, run_seed))
         lines += [f"### `{name}`: {task.description}", "", task_table(task, rows, floor), ""]
         lines += ["Targets:", "", *target_lines(task, rows, floor), ""]

@@ -254,8 +254,10 @@ def tds(
         batch_size: Particles per denoiser call (all :math:`B K` by default), to bound memory.
         return_info: Also return a dict with ``ess`` (shape ``(N, B)``, the effective sample size
             after each step, before any resampling), ``log_weights`` (shape ``(B, K)``, the final
-            normalised log-weights) and ``resampled`` (shape ``(B,)``, the number of resampling
-            events per observation).
+            normalised log-weights), ``particles`` (shape ``(B, K, *shape)``, the final particles,
+            which with ``log_weights`` form the whole weighted particle system: resample it for
+            many correlated draws at the cost of one) and ``resampled`` (shape ``(B,)``, the number
+            of resampling events per observation).
 
     Returns:
         Samples, shape ``(B, *shape)``; with ``return_info``, ``(samples, info)``.
@@ -356,7 +358,13 @@ def tds(
     samples = x[offsets[:, 0] + chosen]
     if not return_info:
         return samples
-    return samples, {"ess": torch.stack(ess_history), "log_weights": log_w, "resampled": resampled}
+    info = {
+        "ess": torch.stack(ess_history),
+        "log_weights": log_w,
+        "particles": x.reshape(B, K, *x.shape[1:]),
+        "resampled": resampled,
+    }
+    return samples, info
 
 
 LOOPS["tds"] = tds
