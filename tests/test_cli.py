@@ -12,7 +12,7 @@ def test_train_then_sample_on_vectors(tmp_path):
     x = np.random.default_rng(0).normal(size=(128, 3)).astype(np.float32)
     np.savez(tmp_path / "clean.npz", x=x)
     run = tmp_path / "run"
-    main(["train", str(tmp_path / "clean.npz"), str(run), "--training.steps", "4", "--training.batch_size", "16",
+    main(["train", str(tmp_path / "clean.npz"), "-o", str(run), "--training.steps", "4", "--training.batch_size", "16",
           "--training.progress", "false", "--network.hidden", "[16,16]", "--sampling.n", "5", "--sampling.steps", "3"])
     config = json.loads((run / "config.json").read_text())
     assert config["training"]["steps"] == 4 and config["network"]["hidden"] == [16, 16]
@@ -25,15 +25,15 @@ def test_train_then_sample_on_vectors(tmp_path):
     # an existing run is never overwritten without --resume
     before = (run / "checkpoint.pt").read_bytes()
     with pytest.raises(FileExistsError, match="--resume"):
-        main(["train", str(tmp_path / "clean.npz"), str(run), "--training.progress", "false"])
+        main(["train", str(tmp_path / "clean.npz"), "-o", str(run), "--training.progress", "false"])
     assert (run / "checkpoint.pt").read_bytes() == before
     # resuming with another configuration is refused
     with pytest.raises(ValueError, match="training"):
-        main(["train", str(tmp_path / "clean.npz"), str(run), "--training.steps", "8", "--training.progress", "false",
+        main(["train", str(tmp_path / "clean.npz"), "-o", str(run), "--training.steps", "8", "--training.progress", "false",
               "--network.hidden", "[16,16]", "--sampling.n", "5", "--sampling.steps", "3", "--resume", "true"])
 
-    main(["sample", str(run), "--sampling.n", "7", "--sampling.steps", "2"])
-    assert np.load(run / "samples.npz")["x"].shape == (7, 3)
+    main(["sample", str(run), "-n", "7", "--steps", "2", "-o", str(tmp_path / "more.npz")])
+    assert np.load(tmp_path / "more.npz")["x"].shape == (7, 3)
 
 
 def test_bad_data_sources_are_named(tmp_path):
@@ -53,16 +53,69 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    assert all(command in out for command in ("train", "sample", "demo"))
+    commands = ("corrupt", "train", "fit", "sample", "reconstruct", "evaluate", "demo")
+    assert all(command in out for command in commands)
+    for command in commands:  # every command has help text for every option
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "--config" in text
 
 
 def test_image_run_writes_a_sample_grid(tmp_path):
     from PIL import Image
 
     run = tmp_path / "digits"
-    main(["train", "digits", str(run), "--training.steps", "2", "--training.batch_size", "8", "--training.progress", "false",
+    main(["train", "digits", "-o", str(run), "--training.steps", "2", "--training.batch_size", "8", "--training.progress", "false",
           "--network.channels", "[8,16]", "--network.blocks", "1", "--sampling.n", "4", "--sampling.steps", "2"])
     grid = np.asarray(Image.open(run / "samples.png"))
     # 2 x 2 tiles of 8 x 8 pixels with 1 pixel of padding around and between them
     assert grid.shape[:2] == (2 * 8 + 3, 2 * 8 + 3)
     assert load_denoiser(run / "checkpoint.pt").metadata["trained_on"] == "digits (train)"
+
+
+def test_the_commands_run_end_to_end_on_a_tiny_set(tmp_path):
+    obs, run = tmp_path / "obs.npz", tmp_path / "run"
+    main(["corrupt", "digits", "-o", str(obs), "--operator", "mask", "--missing", "0.5", "--noise-std", "0.05",
+          "--limit", "96"])
+    with np.load(obs) as file:
+        assert file["y"].shape == (96, 1, 8, 8) and file["mask"].shape == (96, 1, 8, 8)
+        assert abs(1 - file["mask"].mean() - 0.5) < 0.05
+    main(["fit", str(obs), "-o", str(run), "--rounds", "1", "--steps", "4", "--heldout", "16", "--gaussian_rank", "4",
+          "--gaussian_iterations", "2", "--network.channels", "[8,16]", "--network.blocks", "1",
+          "--training.steps", "3", "--training.batch_size", "8", "--training.progress", "false",
+          "--evaluation.prior_samples", "4", "--evaluation.steps", "2"])
+    config = json.loads((run / "config.json").read_text())
+    assert config["em"]["rounds"] == 1 and config["training"]["steps"] == 3
+    assert "<table>" in (run / "report.html").read_text()
+    main(["sample", str(run), "-n", "3", "--steps", "2", "-o", str(tmp_path / "samples.npz")])
+    assert np.load(tmp_path / "samples.npz")["x"].shape == (3, 1, 8, 8)
+    main(["reconstruct", str(run), str(obs), "-o", str(tmp_path / "post.npz"), "--samples", "2", "--steps", "2"])
+    with np.load(tmp_path / "post.npz") as post:
+        assert post["x"].shape == (96, 2, 1, 8, 8) and post["std"].shape == (96, 1, 8, 8)
+        assert np.isfinite(post["x"]).all()
+    main(["evaluate", str(run), str(obs), "--limit", "8", "--steps", "2", "--evaluation.prior_samples", "4",
+          "--evaluation.steps", "2", "-o", str(tmp_path / "eval")])
+    metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert {"ppc", "psnr_mean", "ssim_mean"} <= set(metrics)
+
+
+def test_a_bad_observation_file_leaves_an_existing_run_untouched(tmp_path):
+    import hashlib
+
+    from cleanprior.data.files import ObservationFileError
+
+    obs, run = tmp_path / "obs.npz", tmp_path / "run"
+    main(["corrupt", "digits", "-o", str(obs), "--missing", "0.5", "--noise-std", "0.05", "--limit", "48"])
+    main(["fit", str(obs), "-o", str(run), "--rounds", "0", "--heldout", "8", "--gaussian_rank", "2",
+          "--gaussian_iterations", "1", "--evaluation.prior_samples", "4"])
+    digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+    with np.load(obs) as file:
+        arrays = dict(file)
+    arrays["y"][3, 0, 2, 2] = np.nan
+    np.savez(tmp_path / "nan.npz", **arrays)
+    with pytest.raises(ObservationFileError, match="y contains 1 NaN"):
+        main(["fit", str(tmp_path / "nan.npz"), "-o", str(run), "--resume", "true"])
+    with pytest.raises((FileNotFoundError, ObservationFileError), match="missing.npz"):
+        main(["fit", str(tmp_path / "missing.npz"), "-o", str(run), "--resume", "true"])
+    assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()} == digest

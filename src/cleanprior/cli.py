@@ -1,145 +1,149 @@
 """The ``cleanprior`` command line: each command maps onto one library function.
 
-Every option has help text (``cleanprior COMMAND --help``), can come from a config file
-(``--config FILE.yaml``) or a flag, and the resolved configuration is written into the run folder.
+.. code-block:: text
+
+    cleanprior corrupt CLEAN -o OBS.npz --operator mask --missing 0.75 --noise-std 0.01
+    cleanprior train CLEAN -o RUN                      a prior on clean data (the upper bound)
+    cleanprior fit OBS.npz -o RUN [--rounds K --method mmps ...] [--resume]     DiEM (EM)
+    cleanprior sample RUN -n N -o SAMPLES.npz          prior samples under 'x'
+    cleanprior reconstruct RUN OBS.npz -o POST.npz [--samples S]   posterior samples
+    cleanprior evaluate RUN OBS.npz [--reference mnist5k]          the diagnostics and metrics
+    cleanprior demo [-o demo-run]                      the main job (what `make demo` runs)
+
+Every option has help text (``cleanprior COMMAND --help``) and can come from a config file
+(``--config FILE.yaml``, e.g. one written by ``--print_config``) or a flag; nested options are
+spelled ``--training.steps 500``. Commands that make a run folder write the resolved
+configuration into it (``config.json``).
 """
 
 from __future__ import annotations
 
 import pathlib
 import sys
+from typing import Any
 
-from cleanprior.diffusion.training import TrainConfig
-from cleanprior.runs.prior import NetworkConfig, SampleConfig
+from cleanprior.data.files import load_clean as load_data
 
-__all__ = ["main", "train", "sample", "demo", "load_data"]
-
-
-def load_data(source: str, split: str = "train"):
-    """Clean samples from an embedded dataset's name or a ``.npz`` file holding them under ``x``.
-
-    Raises:
-        FileNotFoundError: If ``source`` is neither a known dataset nor an existing file.
-        ValueError: If the file lacks ``x`` or holds non-finite values.
-    """
-    import numpy as np
-    import torch
-
-    from cleanprior.data import DATASETS, load
-
-    if source in DATASETS:
-        return load(source, split)
-    path = pathlib.Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"{source!r} is neither an embedded dataset ({', '.join(sorted(DATASETS))}) nor a file")
-    with np.load(path) as file:
-        if "x" not in file:
-            raise ValueError(f"{path} holds no clean samples under the key 'x' (keys: {sorted(file.files)})")
-        x = torch.as_tensor(file["x"], dtype=torch.float32)
-    if x.ndim < 2:
-        raise ValueError(f"{path}: 'x' must have shape (N, *shape), got {tuple(x.shape)}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{path}: 'x' contains NaN or infinite values")
-    return x
+__all__ = ["load_data", "main", "build_parser"]
 
 
-def train(
-    data: str,
-    output: pathlib.Path,
-    network: NetworkConfig = NetworkConfig(),
-    training: TrainConfig = TrainConfig(),
-    sampling: SampleConfig = SampleConfig(),
-    split: str = "train",
-    device: str = "cpu",
-    seed: int = 0,
-    resume: bool = False,
-) -> None:
-    """Train a diffusion prior on clean data (the upper bound of every learning method).
+def _subparser(description: str) -> Any:
+    from jsonargparse import ActionConfigFile, ArgumentParser
 
-    Args:
-        data: An embedded dataset (mnist5k, digits, faces, manifold, mixture) or a .npz file with clean samples under 'x'.
-        output: The run folder to create (config.json, checkpoint.pt, metrics.json, samples).
-        network: The denoiser's network.
-        training: Denoising score matching options.
-        sampling: How the samples written at the end are drawn.
-        split: Which split of an embedded dataset to train on.
-        device: cpu, cuda or cuda:N.
-        seed: Seed of the training generator.
-        resume: Continue an interrupted run in OUTPUT.
-    """
-    from cleanprior.runs.prior import train_prior
-
-    x = load_data(data, split)
-    train_prior(x, output, network=network, training=training, sampling=sampling, device=device, seed=seed,
-                resume=resume, description=f"{data} ({split})")
-    print(f"wrote {output}")
+    parser = ArgumentParser(description=description)
+    parser.add_argument("--config", action=ActionConfigFile, help="options from a YAML/JSON file")
+    return parser
 
 
-def sample(run: pathlib.Path, sampling: SampleConfig = SampleConfig(), device: str = "cpu") -> None:
-    """Draw prior samples from a trained run into RUN/samples.npz (and RUN/samples.png for images).
+def build_parser() -> Any:
+    """The parser of every command (exposed for tests and for ``--help``)."""
+    from jsonargparse import ArgumentParser
 
-    Args:
-        run: A run folder written by `cleanprior train` or `cleanprior demo`.
-        sampling: How to sample.
-        device: cpu, cuda or cuda:N.
-    """
-    from cleanprior.runs.prior import sample_run
+    from cleanprior.diffusion.training import TrainConfig
+    from cleanprior.learning.em import EMConfig, EvalConfig
+    from cleanprior.runs.prior import NetworkConfig, SampleConfig
 
-    sample_run(run, sampling, device=device)
-    print(f"wrote {pathlib.Path(run) / 'samples.npz'}")
+    parser = ArgumentParser(prog="cleanprior", description="Clean diffusion priors from corrupted observations.")
+    commands = parser.add_subcommands(dest="command")
 
+    corrupt = _subparser("Corrupt clean data into an observation file (y, operator, noise level, and x).")
+    corrupt.add_argument("clean", help="an embedded dataset (mnist5k, digits, faces, manifold, mixture) or a .npz with 'x'")
+    corrupt.add_argument("-o", "--output", required=True, help="the observation file to write (.npz, .h5)")
+    corrupt.add_argument("--operator", default="mask", help="mask, matrix, blur, downsample, fourier or identity")
+    corrupt.add_argument("--noise-std", dest="noise_std", type=float, default=0.01, help="Gaussian noise std")
+    corrupt.add_argument("--missing", type=float, help="mask: fraction of pixels missing (default 0.75)")
+    corrupt.add_argument("--box", type=float, help="mask: side of a missing box, as a fraction of the image side")
+    corrupt.add_argument("--m", type=int, help="matrix: rows of the random projection of each item")
+    corrupt.add_argument("--kernel-std", dest="kernel_std", type=float, help="blur: Gaussian kernel std in pixels")
+    corrupt.add_argument("--factor", type=int, help="downsample: the factor")
+    corrupt.add_argument("--acceleration", type=float, help="fourier: undersampling factor")
+    corrupt.add_argument("--split", default="train", help="split of an embedded dataset")
+    corrupt.add_argument("--limit", type=int, default=0, help="keep the first LIMIT items (0: all)")
+    corrupt.add_argument("--seed", type=int, default=0, help="seed of the masks and the noise")
+    commands.add_subcommand("corrupt", corrupt, help="corrupt clean data into an observation file")
 
-def demo(
-    output: pathlib.Path = pathlib.Path("demo-run"),
-    dataset: str = "mnist5k",
-    steps: int = 1000,
-    device: str = "cpu",
-) -> None:
-    """The main job: train a small image prior on an embedded dataset, write a grid of its samples,
-    and reconstruct held-out images with 75% of their pixels missing (posterior mean, uncertainty).
+    train = _subparser("Train a diffusion prior on clean data (the upper bound of every learning method).")
+    train.add_argument("data", help="an embedded dataset or a .npz with clean samples under 'x'")
+    train.add_argument("-o", "--output", required=True, help="the run folder to create")
+    train.add_class_arguments(NetworkConfig, "network")
+    train.add_class_arguments(TrainConfig, "training")
+    train.add_class_arguments(SampleConfig, "sampling")
+    train.add_argument("--split", default="train", help="split of an embedded dataset")
+    train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    train.add_argument("--seed", type=int, default=0, help="seed of the training generator")
+    train.add_argument("--resume", type=bool, default=False, help="continue an interrupted run in OUTPUT")
+    commands.add_subcommand("train", train, help="train a prior on clean data")
 
-    Re-running continues an interrupted demo in the same folder rather than starting over.
+    fit = _subparser("Learn a clean prior from an observation file by DiEM expectation-maximization.")
+    fit.add_argument("observations", help="an observation file (.npz/.h5, see cleanprior.data.files)")
+    fit.add_argument("-o", "--output", required=True, help="the run folder")
+    fit.add_class_arguments(EMConfig)
+    fit.add_class_arguments(NetworkConfig, "network")
+    fit.add_class_arguments(TrainConfig, "training")
+    fit.add_class_arguments(EvalConfig, "evaluation")
+    fit.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: each rank its GPU)")
+    fit.add_argument("--resume", type=bool, default=False, help="continue the run in OUTPUT from its last completed work")
+    commands.add_subcommand("fit", fit, help="learn a prior from observations (EM)")
 
-    Args:
-        output: The run folder.
-        dataset: An embedded image dataset: mnist5k, digits or faces.
-        steps: Training steps.
-        device: cpu, cuda or cuda:N.
-    """
-    from cleanprior.runs.prior import train_prior
+    sample = _subparser("Draw prior samples from a run into a .npz (under 'x'; a PNG grid beside it for images).")
+    sample.add_argument("run", help="a run folder (train, fit or demo)")
+    sample.add_argument("-n", type=int, default=64, help="number of samples")
+    sample.add_argument("-o", "--output", default="", help="the .npz to write (default RUN/samples.npz)")
+    sample.add_argument("--steps", type=int, default=64, help="sampler steps")
+    sample.add_argument("--sampler", default="heun", help="ddim, ddpm, heun or pc")
+    sample.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="samples per denoiser call")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    sample.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    commands.add_subcommand("sample", sample, help="draw prior samples from a run")
 
-    x = load_data(dataset, "train")
-    # Sized for a 2-core CPU: about 0.36 s per step, six minutes in all; train longer for sharper digits.
-    network = NetworkConfig(channels=(16, 32, 64), blocks=1)
-    training = TrainConfig(steps=steps, batch_size=64, lr=2e-3, warmup=50, ema_decay=0.995, checkpoint_every=100)
-    sampling = SampleConfig(n=64, steps=32, sampler="heun")
-    denoiser = train_prior(x, output, network=network, training=training, sampling=sampling, device=device, seed=0,
-                           resume=(pathlib.Path(output) / "checkpoint.pt").exists(), description=f"{dataset} (train)")
-    print(f"wrote {pathlib.Path(output) / 'samples.png'}")
+    reconstruct = _subparser("Posterior samples of a run's prior for every observation of a file.")
+    reconstruct.add_argument("run", help="a run folder")
+    reconstruct.add_argument("observations", help="an observation file")
+    reconstruct.add_argument("-o", "--output", required=True, help="the .npz to write: x (N, S, *shape), mean, std")
+    reconstruct.add_argument("--samples", type=int, default=4, help="posterior samples per observation")
+    reconstruct.add_argument("--method", default="mmps", help="any posterior method (dps, mmps, tds, daps, ...)")
+    reconstruct.add_argument("--steps", type=int, default=64, help="sampler steps")
+    reconstruct.add_argument("--sampler", default="ddpm", help="ddim, ddpm, heun or pc")
+    reconstruct.add_argument("--solver", default="gmres", help="Krylov solver of MMPS-like methods")
+    reconstruct.add_argument("--iterations", type=int, default=1, help="its iterations")
+    reconstruct.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="observations per batch")
+    reconstruct.add_argument("--seed", type=int, default=0, help="seed of the sampler")
+    reconstruct.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    commands.add_subcommand("reconstruct", reconstruct, help="posterior samples for observations")
 
-    import torch
+    evaluate = _subparser("Measure a run's prior: diagnostics on observations, distances to clean data.")
+    evaluate.add_argument("run", help="a run folder")
+    evaluate.add_argument("observations", help="an observation file (its 'x', when present, gives PSNR/SSIM)")
+    evaluate.add_argument("-o", "--output", default="", help="where to write metrics.json and figures (default RUN/evaluation)")
+    evaluate.add_class_arguments(EvalConfig, "evaluation")
+    evaluate.add_argument("--method", default="mmps", help="the posterior method")
+    evaluate.add_argument("--steps", type=int, default=32, help="sampler steps")
+    evaluate.add_argument("--limit", type=int, default=64, help="observations used (0: all)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed")
+    evaluate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    commands.add_subcommand("evaluate", evaluate, help="metrics of a run's prior")
 
-    from cleanprior.operators import Mask, random_mask
-    from cleanprior.runs.prior import reconstruction_figure, write_json
-
-    # GMRES, not CG: a trained denoiser's Jacobian is not exactly symmetric positive definite, and
-    # 3 CG iterations diverged on 2 of these 12 digits with one training run (GMRES: MSE 0.065).
-    clean = load_data(dataset, "test")[:12].to(device)
-    generator = torch.Generator(device=device).manual_seed(0)
-    mask = Mask(random_mask(tuple(clean.shape[1:]), 0.75, batch=clean.shape[0], generator=generator, device=device))
-    errors = reconstruction_figure(denoiser, clean, mask, 0.05, pathlib.Path(output) / "reconstructions.png",
-                                   samples=4, method="mmps", solver="gmres", iterations=3, steps=64, sampler="ddpm",
-                                   generator=generator)
-    write_json(pathlib.Path(output) / "reconstructions.json", {"missing": 0.75, "noise_std": 0.05, **errors})
-    print(f"wrote {pathlib.Path(output) / 'reconstructions.png'} (rows: clean, observed, posterior mean, "
-          f"std, one sample); MSE observed {errors['mse_observation']:.3f}, posterior mean {errors['mse_posterior_mean']:.3f}")
+    demo = _subparser(
+        "The main job: DiEM on MNIST 5k with 75% of the pixels missing, from the Gaussian start, with an HTML "
+        "report of the prior improving round by round. Re-running continues an interrupted demo."
+    )
+    demo.add_argument("-o", "--output", default="demo-run", help="the run folder")
+    demo.add_argument("--rounds", type=int, default=0, help="EM rounds (0: the demo's default)")
+    demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    commands.add_subcommand("demo", demo, help="the main job (what `make demo` runs)")
+    return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``cleanprior`` command."""
-    from jsonargparse import CLI
+    from cleanprior import commands
 
-    CLI([train, sample, demo], args=argv if argv is not None else sys.argv[1:], as_positional=True)
+    parser = build_parser()
+    config = parser.parse_args(argv if argv is not None else sys.argv[1:])
+    name = config.command
+    options = parser.instantiate(config)[name]
+    options = {k: v for k, v in vars(options).items() if k not in ("config", "__path__")}
+    getattr(commands, name)(**options)
 
 
 if __name__ == "__main__":

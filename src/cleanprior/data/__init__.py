@@ -27,3 +27,24 @@ __all__ = [
     "mnist5k",
     "register",
 ]
+from cleanprior.data.files import (  # noqa: E402  (files imports the loaders above through the operators)
+    ObservationFileError,
+    ObservationReader,
+    Observations,
+    corrupt_dataset,
+    load_clean,
+    load_observations,
+    open_observations,
+    save_observations,
+)
+
+__all__ += [
+    "ObservationFileError",
+    "ObservationReader",
+    "Observations",
+    "corrupt_dataset",
+    "load_clean",
+    "load_observations",
+    "open_observations",
+    "save_observations",
+]

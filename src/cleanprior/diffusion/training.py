@@ -147,6 +147,7 @@ def dsm_loss(
     x: Tensor,
     sigma: Tensor,
     generator: torch.Generator | None = None,
+    noise: Tensor | None = None,
 ) -> Tensor:
     r"""The weighted denoising loss, one value per sample.
 
@@ -160,11 +161,13 @@ def dsm_loss(
         x: Clean samples, shape ``(B, *shape)``.
         sigma: Noise levels, shape ``(B,)``.
         generator: The source of the noise :math:`\epsilon`.
+        noise: The noise :math:`\epsilon` itself, shape ``(B, *shape)`` (then ``generator`` is
+            unused).
 
     Returns:
         The per-sample loss, shape ``(B,)``.
     """
-    eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    eps = noise if noise is not None else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     s = expand_sigma(sigma, x)
     error = denoiser(x + s * eps, sigma) - x
     weight = 1 / sigma**2 + 1 / denoiser.sigma_data**2
@@ -218,12 +221,19 @@ def train(
         metadata: Recorded in the checkpoint (e.g. what the data is).
         callback: Called as ``callback(step, loss)`` after every step.
 
+    Under ``torchrun`` (:mod:`cleanprior.distributed`), training is data-parallel with the
+    minibatches of a single process: every rank draws the whole minibatch (indices, levels,
+    noise) from ``generator``, which must be seeded alike on all ranks, computes the loss on its
+    rows ``rank::world``, and the gradients are summed across ranks; only rank 0 writes the
+    checkpoint.
+
     Returns:
         The EMA denoiser and the loss history.
 
     Raises:
         ValueError: If ``data`` is empty, has non-finite values, or does not fit the denoiser.
     """
+    from cleanprior import distributed
     from cleanprior.runs.checkpoint import load_checkpoint, save_denoiser
 
     config = config or TrainConfig()
@@ -243,6 +253,9 @@ def train(
             stacklevel=2,
         )
 
+    world, rank = distributed.world_size(), distributed.rank()
+    if config.batch_size < world:
+        raise ValueError(f"batch_size {config.batch_size} is smaller than the {world} processes sharing it")
     ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
     optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     losses: list[float] = []
@@ -267,7 +280,7 @@ def train(
         raise ValueError(f"the denoiser maps a sample of shape {tuple(data.shape[1:])} to {tuple(probe.shape[1:])}")
 
     def save(step: int) -> None:
-        if path is None:
+        if path is None or not distributed.is_main():
             return
         save_denoiser(
             path,
@@ -293,17 +306,21 @@ def train(
     for step in steps:
         for group in optimizer.param_groups:
             group["lr"] = config.lr * config.lr_factor(step)
+        # every rank draws the whole minibatch from the same generator and trains on its rows
         index = torch.randint(data.shape[0], (config.batch_size,), generator=generator)
-        x = data[index].to(device, non_blocking=True)
-        sigma = sample_sigma(config, config.batch_size, generator).to(device)
-        noise_generator = generator if device.type == "cpu" else None
+        sigma = sample_sigma(config, config.batch_size, generator)
+        eps = torch.randn((config.batch_size, *data.shape[1:]), generator=generator, dtype=data.dtype)
+        rows = slice(rank, None, world)
+        x = data[index[rows]].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
-            loss = dsm_loss(denoiser, x, sigma, noise_generator).mean()
+            share = dsm_loss(denoiser, x, sigma[rows].to(device), noise=eps[rows].to(device)).sum() / config.batch_size
+        loss = distributed.all_reduce_sum(share.detach().clone())
         if not torch.isfinite(loss):
             save(step)
             raise FloatingPointError(f"the training loss became non-finite at step {step}; the last good state is saved")
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        share.backward()
+        distributed.all_reduce_gradients(denoiser)
         if config.clip > 0:
             torch.nn.utils.clip_grad_norm_(denoiser.parameters(), config.clip)
         optimizer.step()
@@ -317,4 +334,5 @@ def train(
             save(step + 1)
     denoiser.eval()
     save(config.steps)
+    distributed.barrier()
     return TrainResult(ema, losses)

@@ -9,9 +9,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from torch import Tensor
+
 from cleanprior.operators.base import Operator
 
-__all__ = ["OPERATORS", "register", "operator", "from_parameters", "repeat_items"]
+__all__ = ["OPERATORS", "register", "operator", "from_parameters", "repeat_items", "select_items"]
 
 OPERATORS: dict[str, type[Operator]] = {}
 
@@ -73,21 +75,43 @@ def repeat_items(A: Operator, repeats: int, batch: int) -> Operator:
         repeats: How many times each observation is repeated.
         batch: The number of observations ``A`` was built for.
     """
-    import torch
+    return _map_items(A, batch, lambda value: value.repeat_interleave(repeats, 0))
 
+
+def select_items(A: Operator, index: slice | Tensor, batch: int) -> Operator:
+    """The operator for a subset of the observations, ``y[index]``.
+
+    Per-item parameters (tensors whose leading dimension is ``batch``, at any nesting depth) are
+    indexed along that dimension, so that ``select_items(A, index, batch)(x[index])`` equals
+    ``A(x)[index]``; shared parameters are kept. Operators that cannot be rebuilt by name (a plain
+    callable, a network) carry no per-item parameters and are returned as they are.
+
+    Arguments:
+        A: The operator of ``batch`` observations.
+        index: The observations to keep: a slice or an integer tensor of shape ``(n,)``
+            (repeats and any order allowed).
+        batch: The number of observations ``A`` was built for.
+    """
+    return _map_items(A, batch, lambda value: value[index])
+
+
+def _map_items(A: Operator, batch: int, transform: Callable[[Any], Any]) -> Operator:
+    """Rebuild ``A`` with ``transform`` applied to every per-item parameter tensor."""
     try:
         parameters = A.parameters_dict()
     except NotImplementedError:
         return A
 
-    def repeat(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
+    def visit(value: Any) -> Any:
+        if isinstance(value, Tensor):
+            # With one observation, a leading dimension of 1 is indistinguishable from a shared
+            # parameter, and a shared parameter broadcasts to any selection anyway.
             per_item = value.ndim > 0 and value.shape[0] == batch and batch > 1
-            return value.repeat_interleave(repeats, 0) if per_item else value
+            return transform(value) if per_item else value
         if isinstance(value, dict):
-            return {k: repeat(v) for k, v in value.items()}
+            return {k: visit(v) for k, v in value.items()}
         if isinstance(value, (list, tuple)):
-            return type(value)(repeat(v) for v in value)
+            return type(value)(visit(v) for v in value)
         return value
 
-    return from_parameters(repeat(parameters))
+    return from_parameters(visit(parameters))

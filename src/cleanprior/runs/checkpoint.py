@@ -21,13 +21,13 @@ from __future__ import annotations
 import datetime
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 import torch
 from torch import nn
 
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
+from cleanprior.runs.atomic import atomic_path
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "save_denoiser", "load_denoiser"]
 
@@ -52,26 +52,23 @@ def save_checkpoint(path: str | os.PathLike[str], payload: dict[str, Any]) -> pa
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "version": VERSION, **payload}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(payload, file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device | None = "cpu") -> dict[str, Any]:
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    map_location: str | torch.device | None = "cpu",
+    *,
+    keys: tuple[str, ...] = ("denoiser", "state_dict", "metadata"),
+) -> dict[str, Any]:
     """Read and validate a checkpoint.
 
     Arguments:
         path: The file.
         map_location: Where tensors are loaded.
+        keys: The entries it must hold (a denoiser's by default).
 
     Returns:
         The payload.
@@ -93,7 +90,7 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
         raise CheckpointError(
             f"{path} has checkpoint version {payload.get('version')!r}; this cleanprior reads version {VERSION}"
         )
-    for key in ("denoiser", "state_dict", "metadata"):
+    for key in keys:
         if key not in payload:
             raise CheckpointError(f"{path} lacks the '{key}' entry")
     return payload

@@ -27,6 +27,7 @@ from torch import Tensor
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 from cleanprior.diffusion.samplers import sample_prior
 from cleanprior.diffusion.training import TrainConfig, train
+from cleanprior.runs.atomic import atomic_path, write_json
 from cleanprior.runs.checkpoint import load_checkpoint, load_denoiser
 
 __all__ = [
@@ -36,7 +37,6 @@ __all__ = [
     "reconstruction_figure",
     "sample_run",
     "train_prior",
-    "write_json",
 ]
 
 
@@ -106,14 +106,6 @@ def default_network(shape: tuple[int, ...], config: NetworkConfig) -> Preconditi
     else:
         raise ValueError(f"unknown network {config.name!r}; choose 'auto', 'MLP' or 'UNet'")
     return PreconditionedDenoiser(network, sigma_data=config.sigma_data)
-
-
-def write_json(path: str | os.PathLike[str], payload: dict[str, Any]) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    path = pathlib.Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    os.replace(tmp, path)
 
 
 def train_prior(
@@ -190,19 +182,25 @@ def train_prior(
 
 
 def sample_run(
-    run: str | os.PathLike[str], sampling: SampleConfig | None = None, *, device: str = "cpu"
-) -> Tensor:
-    """Draw prior samples from a run's checkpoint and write them next to it.
+    run: str | os.PathLike[str],
+    sampling: SampleConfig | None = None,
+    *,
+    device: str = "cpu",
+    output: str | os.PathLike[str] | None = None,
+) -> pathlib.Path:
+    """Draw prior samples from a run's checkpoint and write them.
 
-    Images go to ``samples.png`` (a grid) and every sample to ``samples.npz`` under ``x``.
+    Every sample goes to ``output`` (``RUN/samples.npz`` by default) under ``x``, and images also
+    to a PNG grid beside it (``samples.png``).
 
     Arguments:
         run: The run folder.
         sampling: How to sample.
         device: Where to sample.
+        output: The ``.npz`` to write.
 
     Returns:
-        The samples, shape ``(n, *shape)``, on the CPU.
+        The ``.npz`` written.
     """
     import numpy as np
 
@@ -217,12 +215,13 @@ def sample_run(
         denoiser, sampling.n, shape=shape, steps=sampling.steps, sampler=sampling.sampler,
         generator=generator, batch_size=sampling.batch_size, progress=True,
     ).cpu()
-    tmp = run / ".samples.tmp.npz"
-    np.savez(tmp, x=x.numpy())
-    os.replace(tmp, run / "samples.npz")
+    path = pathlib.Path(output) if output is not None else run / "samples.npz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        np.savez(tmp, x=x.numpy())
     if len(shape) == 3:
-        save_image_grid(x, run / "samples.png")
-    return x
+        save_image_grid(x, path.with_suffix(".png"))
+    return path
 
 
 def reconstruction_figure(

@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import math
 import os
-import secrets
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["image_grid", "save_image_grid"]
+from cleanprior.runs.atomic import atomic_path
+
+__all__ = ["image_grid", "metric_curves", "save_image_grid", "write_report"]
 
 # Separators and unused cells are white so that tiles with dark backgrounds (MNIST, faces)
 # stay visibly apart.
@@ -120,19 +122,136 @@ def save_image_grid(
     image = Image.fromarray(grid[..., 0] if grid.shape[2] == 1 else grid)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # os.replace is atomic only within one file system, hence the temporary file sits next
-    # to the target; opening it with mode 0o666 (not mkstemp's 0o600) lets the umask decide
-    # the final permissions as for any other new file.
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return path
+
+
+METRIC_LABELS = {
+    "ppc": "posterior predictive ||y - Ax||^2 / (m sigma^2) (ideal 1)",
+    "ppc_median": "posterior predictive, median",
+    "log_evidence": "held-out log-evidence (Gaussian start)",
+    "psnr_sample": "PSNR of a posterior sample (dB)",
+    "psnr_mean": "PSNR of the posterior mean (dB)",
+    "ssim_sample": "SSIM of a posterior sample",
+    "ssim_mean": "SSIM of the posterior mean",
+    "rmse_sample": "RMSE of a posterior sample",
+    "rmse_mean": "RMSE of the posterior mean",
+    "frechet": "Frechet distance of prior samples (classifier features)",
+    "sinkhorn": "Sinkhorn divergence of prior samples to clean data",
+    "loss": "M-step denoising loss (last 50 steps)",
+    "estep_seconds": "E-step seconds",
+    "mstep_seconds": "M-step seconds",
+    "eval_seconds": "evaluation seconds",
+}
+"""What each recorded metric is, for the report's table and plots."""
+
+_CURVES = ("ppc", "psnr_mean", "ssim_mean", "rmse_mean", "frechet", "sinkhorn", "loss")
+
+
+def metric_curves(metrics: list[dict[str, float]], path: str | os.PathLike[str]) -> Path | None:
+    """Plot each metric against the round, one panel per metric, into a PNG (atomically).
+
+    Round 0 (the start, e.g. the Gaussian fit) is drawn as a dashed horizontal line so that every
+    later round reads against it.
+
+    Args:
+        metrics: One dict per round with a ``round`` key and float values.
+        path: Destination PNG.
+
+    Returns:
+        ``path``, or ``None`` when no metric has a value (nothing is written).
+    """
+    names = [n for n in _CURVES if any(n in row for row in metrics)]
+    if not names:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    columns = min(3, len(names))
+    rows = math.ceil(len(names) / columns)
+    figure, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    for axis, name in zip(axes.flat, names):
+        points = [(row["round"], row[name]) for row in metrics if name in row and row["round"] > 0]
+        start = [row[name] for row in metrics if name in row and row["round"] == 0]
+        if points:
+            axis.plot(*zip(*points), marker="o", color="tab:blue", label="rounds")
+        if start:
+            axis.axhline(start[0], linestyle="--", color="tab:gray", label="start (round 0)")
+        axis.set_title(METRIC_LABELS.get(name, name), fontsize=8)
+        axis.set_xlabel("round")
+        axis.legend(fontsize=7)
+    for axis in list(axes.flat)[len(names):]:
+        axis.axis("off")
+    figure.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        figure.savefig(tmp, dpi=90)
+    plt.close(figure)
+    return path
+
+
+def write_report(
+    run: str | os.PathLike[str], metrics: list[dict[str, float]], *, description: str = "", title: str = "EM run"
+) -> Path:
+    """Write ``RUN/report.html``: a metrics table, metric curves and every round's figures.
+
+    The page uses relative links to the PNGs in the run folder, so it opens from disk and moves
+    with the folder. Written atomically.
+
+    Args:
+        run: The run folder.
+        metrics: One dict per round (``round`` 0 is the start).
+        description: What the data are.
+        title: The page's title.
+
+    Returns:
+        The report's path.
+    """
+    import html
+
+    run = Path(run)
+    curves = metric_curves(metrics, run / "metrics.png")
+    names = [n for n in METRIC_LABELS if any(n in row for row in metrics)]
+    head = "".join(f"<th title='{html.escape(METRIC_LABELS[n])}'>{html.escape(n)}</th>" for n in names)
+
+    def cell(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.4g}"
+        return "" if value is None else html.escape(str(value))
+
+    body = "".join(
+        "<tr><td>" + ("Gaussian start" if row["round"] == 0 else str(row["round"])) + "</td>"
+        + "".join(f"<td>{cell(row.get(n))}</td>" for n in names) + "</tr>"
+        for row in metrics
+    )
+    legend = "".join(f"<li><b>{html.escape(n)}</b>: {html.escape(METRIC_LABELS[n])}</li>" for n in names)
+    figures = []
+    for row in metrics:
+        folder = f"rounds/{row['round']:02d}"
+        label = "Gaussian start" if row["round"] == 0 else f"round {row['round']}"
+        images = "".join(
+            f"<figure><img src='{folder}/{name}.png'><figcaption>{caption}</figcaption></figure>"
+            for name, caption in (("samples", "prior samples"),
+                                  ("posterior", "held-out: truth, observed, posterior mean, std, samples"))
+            if (run / folder / f"{name}.png").exists()
+        )
+        if images:
+            figures.append(f"<h3>{label}</h3><div class='row'>{images}</div>")
+    page = f"""<!DOCTYPE html>
+<html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:70em}} table{{border-collapse:collapse}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{image-rendering:pixelated;max-width:100%}}
+.row{{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}} figure{{margin:0}}</style></head>
+<body><h1>{html.escape(title)}</h1><p>{html.escape(description)}</p>
+<h2>Metrics by round</h2><table><tr><th>round</th>{head}</tr>{body}</table><ul>{legend}</ul>
+{"<img src='metrics.png'>" if curves else ""}
+<h2>Figures</h2>{"".join(figures)}
+</body></html>
+"""
+    path = run / "report.html"
+    with atomic_path(path) as tmp:
+        tmp.write_text(page)
     return path

@@ -1,0 +1,450 @@
+r"""DiEM: expectation-maximization of a diffusion prior from observations only.
+
+Given observations :math:`y_i = A_i x_i + n_i`, :math:`n_i \sim \mathcal{N}(0, \sigma_{y,i}^2 I)`,
+with operators that may differ per observation, EM looks for the prior :math:`q_\theta(x)` that
+maximises :math:`\sum_i \log q_\theta(y_i \mid A_i)`. Round :math:`k` alternates
+
+- **E-step**: draw :math:`x_i \sim q_{\theta_k}(x \mid y_i, A_i)` for every observation (one or more
+  samples each) with a posterior sampler of :mod:`cleanprior.posterior` (MMPS by default; the first
+  round samples the exact posterior of the Gaussian start);
+- **M-step**: train the denoiser on the :math:`x_i` by denoising score matching, warm-started from
+  :math:`\theta_k` with a fresh optimiser, keeping the EMA weights as :math:`\theta_{k+1}`.
+
+Before any network, :func:`~cleanprior.learning.gaussian.fit_gaussian` fits a Gaussian prior by
+closed-form EM: it is round 0, and its exact posterior starts the first E-step.
+
+Every round writes its checkpoint, metrics and plots into the run folder, and a round is the
+unit of resume: a run killed at any moment continues with ``resume=True`` from what it had
+finished (the Gaussian start, every completed E-step batch, the M-step's last training
+checkpoint, every completed round), and loses nothing else.
+
+.. code-block:: text
+
+    RUN/config.json              the resolved configuration
+    RUN/state.json               rounds completed and their metrics (written last in a round)
+    RUN/gaussian.pt              the Gaussian start
+    RUN/checkpoint.pt            the latest round's EMA denoiser (``load_denoiser`` reads it)
+    RUN/rounds/KK/estep/*.pt     the E-step's posterior samples, one file per batch
+    RUN/rounds/KK/train.pt       the M-step's training checkpoint (EMA and optimiser state)
+    RUN/rounds/KK/*.png          prior samples and held-out reconstructions of round KK
+    RUN/metrics.json, report.html, metrics.png
+
+Under ``torchrun`` the E-step's batches are dealt to the ranks and the M-step is data-parallel
+(:mod:`cleanprior.distributed`); every batch has its own generator, seeded from the run's seed,
+the round and the batch's index, so the samples do not depend on the number of processes.
+
+References:
+    Rozet, Andry, Lanusse & Louppe (2024). Learning Diffusion Priors from Observations by
+    Expectation Maximization (DiEM), algorithm 1 and section 4. https://arxiv.org/abs/2405.13712
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import os
+import pathlib
+import time
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cleanprior import distributed
+from cleanprior.diffusion.precondition import PreconditionedDenoiser
+from cleanprior.diffusion.training import TrainConfig, train
+from cleanprior.runs.atomic import write_json
+from cleanprior.runs.checkpoint import load_checkpoint, load_denoiser, save_checkpoint, save_denoiser
+
+__all__ = ["EMConfig", "EMResult", "EvalConfig", "fit_em", "posterior_batches"]
+
+
+@dataclasses.dataclass
+class EMConfig:
+    """Options of DiEM's rounds.
+
+    Attributes:
+        rounds: EM rounds after the Gaussian start (a resumed run may raise it to go on).
+        method: The E-step's posterior method (any of :func:`cleanprior.posterior.METHODS`).
+        steps: Sampler steps per posterior sample.
+        sampler: The sampler that runs the guidance rule (``ddim``, ``ddpm``, ``heun``, ``pc``).
+        samples: Posterior samples per observation per round.
+        batch_size: Observations per E-step batch (one denoiser call carries ``batch_size x
+            samples`` samples).
+        solver: The Krylov solver of MMPS-like methods. GMRES by default: a trained network's
+            Jacobian is not symmetric positive definite, and CG diverged on it (see the demo).
+        iterations: The solver's iterations.
+        gaussian_rank: Rank of the Gaussian start's covariance: 0 for a dense covariance (low
+            dimension), ``r > 0`` for low rank plus diagonal (images).
+        gaussian_iterations: EM iterations of the Gaussian start.
+        gaussian_samples: Posterior samples per observation in each Monte-Carlo EM iteration of
+            the low-rank Gaussian start.
+        heldout: Observations kept out of the E-step and M-step for the per-round diagnostics.
+        seed: The run's seed: the held-out split, the Gaussian start, every E-step batch and
+            every M-step derive their generators from it.
+    """
+
+    rounds: int = 4
+    method: str = "mmps"
+    steps: int = 32
+    sampler: str = "ddpm"
+    samples: int = 1
+    batch_size: int = 256
+    solver: str = "gmres"
+    iterations: int = 1
+    gaussian_rank: int = 0
+    gaussian_iterations: int = 16
+    gaussian_samples: int = 2
+    heldout: int = 64
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("rounds", "steps", "samples", "batch_size", "iterations", "gaussian_iterations",
+                     "gaussian_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "rounds" else 1):
+                raise ValueError(f"EMConfig.{name} must be a positive integer, got {value!r}")
+        if self.gaussian_rank < 0 or self.heldout < 0:
+            raise ValueError("EMConfig.gaussian_rank and EMConfig.heldout must be non-negative")
+
+    def posterior_options(self) -> dict[str, Any]:
+        """The options handed to :func:`cleanprior.sample_posterior` in the E-step."""
+        options: dict[str, Any] = {"steps": self.steps, "sampler": self.sampler}
+        if self.method in ("mmps", "pc", "tds", "pigdm", "sda", "tmpd"):
+            options.update(solver=self.solver, iterations=self.iterations)
+        return options
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """What is measured and drawn after every round (see :mod:`cleanprior.learning.evaluation`).
+
+    Attributes:
+        prior_samples: Prior samples drawn for the plots and the distances to clean data.
+        posterior_samples: Posterior samples per held-out observation.
+        shown: Held-out observations shown in the reconstruction figure.
+        steps: Sampler steps of the prior samples.
+        reference: Clean data for the distances of prior samples: an embedded dataset's name (its
+            test split; the Frechet distance uses a classifier trained on its training split) or
+            a ``.npz`` with clean samples under ``x``; empty: the held-out observations' ``x`` when
+            the file has it, else no distance.
+        frechet: The embedded dataset whose feature network the Frechet distance uses (empty:
+            ``reference`` when it names one; no Frechet distance otherwise).
+        evidence_observations: Held-out observations whose exact log-evidence under the Gaussian
+            start is computed (it builds an ``m x m`` covariance per observation).
+    """
+
+    prior_samples: int = 64
+    posterior_samples: int = 4
+    shown: int = 8
+    steps: int = 32
+    reference: str = ""
+    frechet: str = ""
+    evidence_observations: int = 16
+
+
+@dataclasses.dataclass
+class EMResult:
+    """What :func:`fit_em` returns.
+
+    Attributes:
+        denoiser: The last round's EMA denoiser (``None`` if no round ran).
+        gaussian: The Gaussian start.
+        metrics: One dict per round, round 0 the Gaussian start.
+    """
+
+    denoiser: PreconditionedDenoiser | None
+    gaussian: Any
+    metrics: list[dict[str, Any]]
+
+
+def _generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
+    # one generator per (seed, purpose, round, batch): results do not depend on the order of work
+    value = seed
+    for key in keys:
+        value = (value * 1_000_003 + key) % (2**62)
+    return torch.Generator(device=device).manual_seed(value)
+
+
+def _save_gaussian(path: pathlib.Path, gaussian: Any, description: str) -> None:
+    names = ("mean", "covariance") if not gaussian.low_rank else ("mean", "factor", "diagonal")
+    save_checkpoint(path, {
+        "gaussian": {name: getattr(gaussian, name).detach().cpu() for name in names},
+        "shape": list(gaussian.shape),
+        "metadata": {"trained_on": description},
+    })
+
+
+def _load_gaussian(path: pathlib.Path) -> Any:
+    from cleanprior.learning.gaussian import GaussianPrior
+
+    payload = load_checkpoint(path, keys=("gaussian", "shape"))
+    try:
+        parameters = payload["gaussian"]
+        return GaussianPrior(parameters.pop("mean"), **parameters, shape=payload["shape"])
+    except (KeyError, TypeError, ValueError) as error:
+        from cleanprior.runs.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{path} does not hold a valid Gaussian start: {error}") from None
+
+
+def posterior_batches(
+    prior: Any,
+    observations: Any,
+    *,
+    config: EMConfig,
+    samples: int,
+    seed_keys: tuple[int, ...],
+    folder: pathlib.Path | None = None,
+    exact: bool = False,
+    progress: bool = False,
+    desc: str = "E-step",
+    distribute: bool = True,
+) -> Tensor:
+    """Posterior samples for every observation, batch by batch, across ranks, resumable.
+
+    Arguments:
+        prior: A denoiser (or, with ``exact``, a prior with ``sample_posterior(A, y, noise_std,
+            generator)``, such as the Gaussian start).
+        observations: An :class:`~cleanprior.data.files.Observations` of ``N`` items.
+        config: The E-step options.
+        samples: Posterior samples per observation ``S``.
+        seed_keys: What, with ``config.seed``, seeds each batch's generator (e.g. the round).
+        folder: Where completed batches are written and found again on resume (none: kept in
+            memory only).
+        exact: Sample with ``prior.sample_posterior`` rather than a guided sampler.
+        progress: Show a progress bar over batches.
+        desc: The progress bar's label.
+        distribute: Deal the batches to the ranks (False: this process does them all, with no
+            collective call; for work that only rank 0 does, such as evaluation).
+
+    Returns:
+        Samples, shape ``(N * S, *shape)``, observation-major (the ``S`` samples of
+        observation ``i`` are rows ``i S`` to ``i S + S - 1``), on the CPU.
+    """
+    from cleanprior.operators.registry import repeat_items
+    from cleanprior.posterior.api import sample_posterior
+
+    n = len(observations)
+    size = config.batch_size
+    batches = [torch.arange(start, min(start + size, n)) for start in range(0, n, size)]
+    world, rank = (distributed.world_size(), distributed.rank()) if distribute else (1, 0)
+    barrier = distributed.barrier if distribute else (lambda: None)
+    mine = [b for b in range(len(batches)) if b % world == rank]
+    if folder is not None and rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    barrier()
+    device = observations.y.device
+
+    done: dict[int, Tensor] = {}
+    iterator: Any = mine
+    if progress and rank == 0:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(mine, desc=desc, unit="batch", dynamic_ncols=True)
+    for b in iterator:
+        path = folder / f"batch_{b:05d}.pt" if folder is not None else None
+        if path is not None and path.exists():
+            continue
+        part = observations.subset(batches[b])
+        generator = _generator(config.seed, *seed_keys, b, device=device)
+        A = repeat_items(part.operator, samples, len(part))
+        y = part.y.repeat_interleave(samples, 0)
+        noise_std = part.noise_std
+        if isinstance(noise_std, Tensor) and noise_std.ndim > 0:
+            noise_std = noise_std.repeat_interleave(samples, 0)
+        if exact:
+            x = prior.sample_posterior(A, y, noise_std, generator=generator)
+        else:
+            x = sample_posterior(prior, A, y, shape=part.shape, noise_std=noise_std, method=config.method,
+                                 generator=generator, **config.posterior_options())
+        x = x.detach().to("cpu", observations.y.real.dtype)
+        if path is None:
+            done[b] = x
+        else:
+            save_checkpoint(path, {"samples": x, "batch": b})
+    barrier()
+    if folder is not None:
+        return torch.cat([load_checkpoint(folder / f"batch_{b:05d}.pt", keys=("samples",))["samples"] for b in range(len(batches))])
+    if world == 1:
+        return torch.cat([done[b] for b in range(len(batches))])
+    gathered = distributed.all_gather_rows(
+        torch.cat([done[b] for b in mine]) if mine else torch.zeros((0, *observations.shape))
+    )
+    # rank r holds batches r, r + world, ... in that order: deal them back into batch order
+    pieces: dict[int, Tensor] = {}
+    for r, rows in enumerate(gathered):
+        owned = list(range(r, len(batches), world))
+        for b, piece in zip(owned, torch.split(rows, [len(batches[b]) * samples for b in owned])):
+            pieces[b] = piece
+    return torch.cat([pieces[b] for b in range(len(batches))])
+
+
+def fit_em(
+    observations: Any,
+    run: str | os.PathLike[str],
+    *,
+    network: Any = None,
+    config: EMConfig | None = None,
+    training: TrainConfig | None = None,
+    evaluation: EvalConfig | None = None,
+    device: str = "cpu",
+    resume: bool = False,
+    progress: bool = True,
+    description: str = "",
+) -> EMResult:
+    """Learn a diffusion prior from observations by DiEM's expectation-maximization.
+
+    Arguments:
+        observations: An :class:`~cleanprior.data.files.Observations` (``y``, per-item operator,
+            noise level, optionally the clean ``x`` for evaluation only).
+        run: The run folder.
+        network: A :class:`~cleanprior.runs.prior.NetworkConfig` (the default U-Net for images, an
+            MLP for vectors).
+        config: The rounds' options.
+        training: The M-step's options (each round trains ``training.steps`` steps).
+        evaluation: What is measured and drawn after every round.
+        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (under ``torchrun``, each rank its GPU).
+        resume: Continue the run in ``run`` (its configuration must match, except ``rounds``,
+            which may grow).
+        progress: Show progress bars.
+        description: What the observations are (recorded in checkpoints and the report).
+
+    Returns:
+        The last denoiser, the Gaussian start and the metrics of every round.
+
+    Raises:
+        FileExistsError: If ``run`` holds a run and ``resume`` is False (nothing is touched).
+        ValueError: If resuming with another configuration, or for invalid options (before any
+            work).
+    """
+    from cleanprior.learning.evaluation import evaluate_round
+    from cleanprior.learning.gaussian import fit_gaussian
+    from cleanprior.runs.prior import NetworkConfig, default_network
+    from cleanprior.runs.report import write_report
+
+    network = network or NetworkConfig()
+    config = config or EMConfig()
+    training = training or TrainConfig(steps=2000, batch_size=128)
+    evaluation = evaluation or EvalConfig()
+    run = pathlib.Path(run)
+    from cleanprior.posterior.api import METHODS
+
+    if config.method not in METHODS():
+        raise ValueError(f"unknown posterior method {config.method!r}; known methods: {', '.join(METHODS())}")
+    if config.heldout >= len(observations):
+        raise ValueError(f"heldout={config.heldout} leaves no observation for EM out of {len(observations)}")
+
+    settings = {
+        "command": "fit",
+        "method": "diem",
+        "observations": {"description": description, "count": len(observations), "shape": list(observations.shape),
+                         "y_shape": list(observations.y.shape[1:]), "operator": observations.operator.name},
+        "network": dataclasses.asdict(network),
+        "em": dataclasses.asdict(config),
+        "training": dataclasses.asdict(training),
+        "evaluation": dataclasses.asdict(evaluation),
+        "device": str(device),
+    }
+    state_path = run / "state.json"
+    device = distributed.setup(device)
+    if (run / "config.json").exists() and not resume:
+        raise FileExistsError(f"{run} already holds a run; pass resume=True (--resume) to continue it, or choose another folder")
+    if resume and (run / "config.json").exists():
+        previous = json.loads((run / "config.json").read_text())
+        fixed = dict(settings, em={k: v for k, v in settings["em"].items() if k != "rounds"}, evaluation=None, device=None)
+        before = dict(previous, em={k: v for k, v in previous.get("em", {}).items() if k != "rounds"}, evaluation=None, device=None)
+        changed = sorted(k for k in fixed if json.loads(json.dumps(fixed[k], default=str)) != before.get(k))
+        if changed:
+            raise ValueError(f"cannot resume {run}: its {', '.join(changed)} configuration differs from the one given")
+
+    distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
+    if distributed.is_main():
+        run.mkdir(parents=True, exist_ok=True)
+        write_json(run / "config.json", settings)
+    distributed.barrier()
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"rounds": -1, "metrics": []}
+
+    split = torch.randperm(len(observations), generator=_generator(config.seed, 1))
+    heldout = observations.subset(split[: config.heldout]) if config.heldout else None
+    data = observations.subset(split[config.heldout :]).to(device)
+    shape = tuple(observations.shape)
+    d = int(torch.tensor(shape).prod())
+
+    # round 0: the Gaussian start
+    gaussian_path = run / "gaussian.pt"
+    if gaussian_path.exists():
+        gaussian = _load_gaussian(gaussian_path)
+    else:
+        gaussian = fit_gaussian(
+            data.y, data.operator, data.noise_std, shape, rank=config.gaussian_rank or None,
+            iterations=config.gaussian_iterations, samples=config.gaussian_samples,
+            generator=_generator(config.seed, 2, device=device), progress=progress and distributed.is_main(),
+        )
+        if distributed.is_main():
+            _save_gaussian(gaussian_path, gaussian, description)
+        distributed.barrier()
+    gaussian = gaussian.to(device)
+    metrics: list[dict[str, Any]] = list(state["metrics"])
+    if state["rounds"] < 0:
+        if distributed.is_main():
+            metrics = [evaluate_round(gaussian, heldout, run / "rounds" / "00", evaluation, config, round_index=0,
+                                      exact=True, seed=config.seed)]
+            write_report(run, metrics, description=description)
+            write_json(state_path, {"rounds": 0, "metrics": metrics})
+        distributed.barrier()
+        state = json.loads(state_path.read_text())
+        metrics = list(state["metrics"])
+
+    denoiser: PreconditionedDenoiser | None = None
+    if state["rounds"] >= 1:
+        denoiser = load_denoiser(run / "checkpoint.pt", device=device)
+    for k in range(state["rounds"] + 1, config.rounds + 1):
+        folder = run / "rounds" / f"{k:02d}"
+        began = time.perf_counter()
+        x = posterior_batches(
+            gaussian if denoiser is None else denoiser, data, config=config, samples=config.samples,
+            seed_keys=(3, k), folder=folder / "estep", exact=denoiser is None, progress=progress,
+            desc=f"round {k} E-step",
+        )
+        estep_seconds = time.perf_counter() - began
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"round {k}: the E-step produced non-finite samples")
+        if denoiser is None:
+            # torch's initialisers draw from the global generator: a scoped seed makes the initial
+            # weights a function of the run's seed, equal on every rank, and leaves the caller's
+            # global state as it was
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(torch.randint(2**62, (), generator=_generator(config.seed, 8))))
+                model = default_network(shape, network)
+        else:
+            model = copy.deepcopy(denoiser)
+        model = model.to(device).requires_grad_(True)
+        round_training = dataclasses.replace(training, progress=progress and distributed.is_main())
+        began = time.perf_counter()
+        result = train(
+            model, x.to(device), round_training, generator=_generator(config.seed, 4, k),
+            checkpoint=folder / "train.pt", resume=True,
+            metadata={"trained_on": description, "shape": list(shape), "network": dataclasses.asdict(network),
+                      "em_round": k},
+        )
+        mstep_seconds = time.perf_counter() - began
+        denoiser = result.denoiser
+        if distributed.is_main():
+            save_denoiser(run / "checkpoint.pt", denoiser, metadata={
+                "trained_on": description, "shape": list(shape), "network": dataclasses.asdict(network),
+                "em_round": k, "method": "diem",
+            })
+            row = evaluate_round(denoiser, heldout, folder, evaluation, config, round_index=k, exact=False,
+                                 seed=config.seed)
+            row.update(estep_seconds=estep_seconds, mstep_seconds=mstep_seconds,
+                       loss=sum(result.losses[-50:]) / max(1, len(result.losses[-50:])))
+            metrics.append(row)
+            write_report(run, metrics, description=description)
+            write_json(state_path, {"rounds": k, "metrics": metrics})
+        distributed.barrier()
+        metrics = json.loads(state_path.read_text())["metrics"]
+    if d and distributed.is_main():
+        write_json(run / "metrics.json", metrics)
+    return EMResult(denoiser, gaussian, metrics)
