@@ -196,7 +196,7 @@ def evaluate(
 
 
 DEMO = {
-    "observations": 1088,
+    "observations": 576,
     "missing": 0.75,
     "noise_std": 0.01,
     "rounds": 3,
@@ -231,7 +231,7 @@ def demo(output: str = "demo-run", rounds: int = 0, device: str = "cpu") -> None
                       batch_size=128, solver="gmres", iterations=1, gaussian_rank=32, gaussian_iterations=8,
                       gaussian_samples=1, heldout=64)
     network = NetworkConfig(channels=(16, 32, 64), blocks=1)
-    training = TrainConfig(steps=300, batch_size=64, lr=2e-3, warmup=30, ema_decay=0.99, checkpoint_every=100)
+    training = TrainConfig(steps=200, batch_size=64, lr=2e-3, warmup=20, ema_decay=0.98, checkpoint_every=100)
     evaluation = EvalConfig(prior_samples=64, posterior_samples=2, shown=8, steps=16, reference="mnist5k")
     result = fit_em(observations, run, network=network, config=config, training=training, evaluation=evaluation,
                     device=device, resume=(run / "config.json").exists(),

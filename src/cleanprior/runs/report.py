@@ -169,6 +169,7 @@ def metric_curves(metrics: list[dict[str, float]], path: str | os.PathLike[str])
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     columns = min(3, len(names))
     rows = math.ceil(len(names) / columns)
@@ -182,6 +183,7 @@ def metric_curves(metrics: list[dict[str, float]], path: str | os.PathLike[str])
             axis.axhline(start[0], linestyle="--", color="tab:gray", label="start (round 0)")
         axis.set_title(METRIC_LABELS.get(name, name), fontsize=8)
         axis.set_xlabel("round")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.legend(fontsize=7)
     for axis in list(axes.flat)[len(names):]:
         axis.axis("off")
@@ -243,7 +245,7 @@ def write_report(
     page = f"""<!DOCTYPE html>
 <html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
 <style>body{{font-family:sans-serif;margin:2em;max-width:70em}} table{{border-collapse:collapse}}
-td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{image-rendering:pixelated;max-width:100%}}
+td,th{{border:1px solid #ccc;padding:3px 8px;text-align:right}} img{{image-rendering:pixelated;max-width:100%}} figure img{{width:30em}}
 .row{{display:flex;gap:2em;flex-wrap:wrap;align-items:flex-start}} figure{{margin:0}}</style></head>
 <body><h1>{html.escape(title)}</h1><p>{html.escape(description)}</p>
 <h2>Metrics by round</h2><table><tr><th>round</th>{head}</tr>{body}</table><ul>{legend}</ul>
