@@ -28,7 +28,6 @@ import argparse
 import datetime
 import json
 import pathlib
-import sys
 import time
 from collections.abc import Sequence
 
@@ -80,7 +79,7 @@ def manifold(args: argparse.Namespace) -> list[str]:
         began = time.perf_counter()
         result = fit_em(
             observations, args.workdir / f"manifold-seed{seed}", network=network,
-            config=EMConfig(rounds=args.rounds, steps=64, sampler="ddpm", batch_size=4096, solver="cg",
+            config=EMConfig(rounds=args.rounds, steps=64, sampler="ddpm", batch_size=4096, solver="gmres",
                             iterations=1, gaussian_iterations=64, heldout=256, seed=seed),
             training=training, evaluation=EvalConfig(prior_samples=args.eval_samples, steps=64,
                                                      reference=str(reference_path)),
@@ -225,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     lines = manifold(args) if low else mnist(args)
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     section = [f"## DiEM `{args.experiment}`, {date}", "", *machine_lines(torch.device("cpu")),
-               f"- Command: `{' '.join(sys.argv)}`", f"- Total time: {time.perf_counter() - began:.0f} s", "",
+               f"- Total time: {time.perf_counter() - began:.0f} s", "",
                *lines, ""]
     text = "\n".join(section)
     print(text)

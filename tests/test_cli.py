@@ -112,10 +112,22 @@ def test_a_bad_observation_file_leaves_an_existing_run_untouched(tmp_path):
     digest = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
     with np.load(obs) as file:
         arrays = dict(file)
-    arrays["y"][3, 0, 2, 2] = np.nan
-    np.savez(tmp_path / "nan.npz", **arrays)
-    with pytest.raises(ObservationFileError, match="y contains 1 NaN"):
-        main(["fit", str(tmp_path / "nan.npz"), "-o", str(run), "--resume", "true"])
+    nan_y = dict(arrays, y=arrays["y"].copy())
+    nan_y["y"][3, 0, 2, 2] = np.nan
+    bad = {
+        "y contains 1 NaN": nan_y,
+        "operator": {k: v for k, v in arrays.items() if k != "operator"},
+        "47": dict(arrays, mask=arrays["mask"][:47]),
+        "blurr": dict(arrays, operator=np.array("blurr")),
+        "nosie_std": dict(arrays, nosie_std=arrays["noise_std"]),
+    }
+    for i, (message, content) in enumerate(bad.items()):
+        np.savez(tmp_path / f"bad{i}.npz", **content)
+        with pytest.raises(ObservationFileError, match=message):
+            main(["fit", str(tmp_path / f"bad{i}.npz"), "-o", str(run), "--resume", "true"])
+    (tmp_path / "truncated.npz").write_bytes(obs.read_bytes()[:1000])
+    with pytest.raises(ObservationFileError, match="truncated.npz"):
+        main(["fit", str(tmp_path / "truncated.npz"), "-o", str(run), "--resume", "true"])
     with pytest.raises((FileNotFoundError, ObservationFileError), match="missing.npz"):
         main(["fit", str(tmp_path / "missing.npz"), "-o", str(run), "--resume", "true"])
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()} == digest

@@ -321,6 +321,7 @@ def fit_em(
     """
     from cleanprior.learning.evaluation import evaluate_round
     from cleanprior.learning.gaussian import fit_gaussian
+    from cleanprior.posterior.api import METHODS
     from cleanprior.runs.prior import NetworkConfig, default_network
     from cleanprior.runs.report import write_report
 
@@ -329,8 +330,6 @@ def fit_em(
     training = training or TrainConfig(steps=2000, batch_size=128)
     evaluation = evaluation or EvalConfig()
     run = pathlib.Path(run)
-    from cleanprior.posterior.api import METHODS
-
     if config.method not in METHODS():
         raise ValueError(f"unknown posterior method {config.method!r}; known methods: {', '.join(METHODS())}")
     if config.heldout >= len(observations):
@@ -370,7 +369,6 @@ def fit_em(
     heldout = observations.subset(split[: config.heldout]) if config.heldout else None
     data = observations.subset(split[config.heldout :]).to(device)
     shape = tuple(observations.shape)
-    d = int(torch.tensor(shape).prod())
 
     # round 0: the Gaussian start
     gaussian_path = run / "gaussian.pt"
@@ -399,7 +397,9 @@ def fit_em(
 
     denoiser: PreconditionedDenoiser | None = None
     if state["rounds"] >= 1:
-        denoiser = load_denoiser(run / "checkpoint.pt", device=device)
+        # the last completed round's own EMA weights (RUN/checkpoint.pt may already hold a later
+        # round's, if the process died between its M-step and the end of its round)
+        denoiser = load_denoiser(run / "rounds" / f"{state['rounds']:02d}" / "train.pt", device=device)
     for k in range(state["rounds"] + 1, config.rounds + 1):
         folder = run / "rounds" / f"{k:02d}"
         began = time.perf_counter()
@@ -445,6 +445,6 @@ def fit_em(
             write_json(state_path, {"rounds": k, "metrics": metrics})
         distributed.barrier()
         metrics = json.loads(state_path.read_text())["metrics"]
-    if d and distributed.is_main():
+    if distributed.is_main():
         write_json(run / "metrics.json", metrics)
     return EMResult(denoiser, gaussian, metrics)
