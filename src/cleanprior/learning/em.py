@@ -133,6 +133,9 @@ class EvalConfig:
             ``reference`` when it names one; no Frechet distance otherwise).
         evidence_observations: Held-out observations whose exact log-evidence under the Gaussian
             start is computed (it builds an ``m x m`` covariance per observation).
+        inception: Also the Inception FID of prior samples to ``reference`` (needs pytorch-fid
+            and its weights on disk; without them a warning says how to get them, and the run
+            goes on).
     """
 
     prior_samples: int = 64
@@ -142,6 +145,7 @@ class EvalConfig:
     reference: str = ""
     frechet: str = ""
     evidence_observations: int = 16
+    inception: bool = False
 
 
 @dataclasses.dataclass

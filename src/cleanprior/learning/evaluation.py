@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -130,6 +131,13 @@ def evaluate_round(
 
         network = feature_network(frechet)
         metrics["frechet"] = float(frechet_distance_features(x_prior, reference, network))
+    if images and evaluation.inception and reference is not None:
+        from cleanprior.metrics.frechet import inception_fid
+
+        try:
+            metrics["fid_inception"] = inception_fid(x_prior, reference)
+        except RuntimeError as error:
+            warnings.warn(f"no Inception FID this round: {error}", stacklevel=2)
 
     if heldout is not None and len(heldout) > 0:
         S = evaluation.posterior_samples

@@ -138,6 +138,7 @@ METRIC_LABELS = {
     "rmse_sample": "RMSE of a posterior sample",
     "rmse_mean": "RMSE of the posterior mean",
     "frechet": "Frechet distance of prior samples (classifier features)",
+    "fid_inception": "Inception FID of prior samples",
     "sinkhorn": "Sinkhorn divergence of prior samples to clean data",
     "loss": "M-step denoising loss (last 50 steps)",
     "estep_seconds": "E-step seconds",
@@ -146,7 +147,7 @@ METRIC_LABELS = {
 }
 """What each recorded metric is, for the report's table and plots."""
 
-_CURVES = ("ppc", "psnr_mean", "ssim_mean", "rmse_mean", "frechet", "sinkhorn", "loss")
+_CURVES = ("ppc", "psnr_mean", "ssim_mean", "rmse_mean", "frechet", "fid_inception", "sinkhorn", "loss")
 
 
 def metric_curves(metrics: list[dict[str, float]], path: str | os.PathLike[str]) -> Path | None:
