@@ -120,7 +120,7 @@ def mnist(args: argparse.Namespace) -> list[str]:
     from cleanprior.runs.prior import NetworkConfig, SampleConfig, train_prior
 
     network = NetworkConfig(channels=(16, 32, 64), blocks=1)
-    training = TrainConfig(steps=args.train_steps, batch_size=64, lr=2e-3, warmup=50, ema_decay=0.995,
+    training = TrainConfig(steps=args.train_steps, batch_size=64, lr=2e-3, warmup=20, ema_decay=0.98,
                            checkpoint_every=100, progress=True)
     features = feature_network("mnist5k")
     test = mnist5k("test")
