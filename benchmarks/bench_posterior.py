@@ -111,6 +111,10 @@ METHOD_OPTIONS: dict[str, tuple[tuple[str, dict[str, Any]], ...]] = {
 }
 """Per method: (label, options of ``sample_posterior``) for each row."""
 
+TDS_FACTOR = 4
+"""A second TDS row with this many particles per draw (up to 64 steps): more particles, closer to
+the exact posterior, at this factor's cost."""
+
 MAX_STEPS = {("tds", "dps twist, 8 particles"): 64}
 """Rows skipped above this many steps: 8 independent particles per draw cost 8x the others."""
 
@@ -426,21 +430,27 @@ def run_azula_tds(task: Task, steps: int, plan: Plan, seed: int) -> Row:
     return row
 
 
-def run_ours_tds_system(task: Task, steps: int, plan: Plan, seed: int) -> Row:
-    """Our TDS run as azula's is: once per observation with ``samples`` particles, all of which are
-    returned (systematically resampled by their final weights), so both cost the same per draw."""
-    row = Row("tds", "dps twist, one system per observation", steps)
+def run_ours_tds_system(task: Task, steps: int, plan: Plan, seed: int, factor: int = 1) -> Row:
+    """Our TDS run as azula's is: once per observation with ``factor x samples`` particles, from
+    which ``samples`` draws are taken by systematic resampling on the final weights (with factor 1,
+    every particle is drawn, as azula does, and both cost the same per draw)."""
+    label = "dps twist, one system per observation" if factor == 1 else f"dps twist, {factor} particles per draw"
+    row = Row("tds", label, steps)
     counter = CountingDenoiser(task.prior.denoiser)
     generator = torch.Generator().manual_seed(seed)
 
     def draw() -> Tensor:
         _, info = sample_posterior(
             counter, task.operator(1, None), task.y, shape=task.prior.shape, noise_std=NOISE_STD,
-            method="tds", steps=steps, generator=generator, particles=plan.samples, twist="dps",
+            method="tds", steps=steps, generator=generator, particles=factor * plan.samples, twist="dps",
             return_info=True,
         )
         weights = torch.softmax(info["log_weights"], 1)
         rows = systematic_resample(weights, generator)
+        if factor > 1:
+            # systematic resampling returns sorted ancestors: spread the draws over all of them
+            picked = torch.randperm(rows.shape[1], generator=generator)[: plan.samples]
+            rows = rows[:, picked]
         return torch.stack([info["particles"][i, rows[i]] for i in range(plan.observations)]).flatten(0, 1)
 
     out = timed(row, counter, plan.observations * plan.samples, draw)
@@ -544,6 +554,8 @@ def run(plan: Plan, tasks: Sequence[str], methods: Sequence[str], seed: int) -> 
                 rows.append(run_azula_mmps(task, iterations, steps, plan, run_seed))
             if "tds" in methods:
                 rows.append(run_ours_tds_system(task, steps, plan, run_seed))
+                if TDS_FACTOR > 1 and steps <= 64:
+                    rows.append(run_ours_tds_system(task, steps, plan, run_seed, TDS_FACTOR))
             rows.append(run_azula_tds(task, steps, plan, run_seed))
         lines += [f"### `{name}`: {task.description}", "", task_table(task, rows, floor), ""]
         lines += ["Targets:", "", *target_lines(task, rows, floor), ""]
@@ -560,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--methods", default=None, help="comma-separated, from METHODS() (default: all)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--seed", type=int, default=0, help="base seed of the generators")
+    parser.add_argument("--steps", default=None, help="comma-separated step counts (default: the plan's)")
     parser.add_argument(
         "--output",
         type=Path,
@@ -576,7 +589,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(methods) - set(METHODS()))
     if unknown:
         parser.error(f"unknown methods {unknown}; known: {', '.join(METHODS())}")
-    section = run(QUICK if args.quick else FULL, tasks, methods, args.seed)
+    plan = QUICK if args.quick else FULL
+    if args.steps:
+        plan = dataclasses.replace(plan, steps=tuple(int(v) for v in args.steps.split(",") if v))
+    section = run(plan, tasks, methods, args.seed)
     print(section)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("a") as out:
