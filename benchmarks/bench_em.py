@@ -131,7 +131,6 @@ def mnist(args: argparse.Namespace) -> list[str]:
             observations = corrupt_dataset(x, "mask", noise_std=NOISE_STD_MNIST, missing=missing,
                                            generator=torch.Generator().manual_seed(seed))
             run = args.workdir / f"mnist-{int(missing * 100)}-seed{seed}"
-            began = time.perf_counter()
             result = fit_em(
                 observations, run, network=network,
                 config=EMConfig(rounds=args.rounds, steps=16, sampler="ddpm", batch_size=128, solver="gmres",
@@ -143,7 +142,8 @@ def mnist(args: argparse.Namespace) -> list[str]:
                 resume=(run / "config.json").exists(),
                 description=f"MNIST 5k, {missing:.0%} missing",
             )
-            em_seconds = time.perf_counter() - began
+            # from the rounds' own timings, so that a resumed run reports the whole run's cost
+            em_seconds = sum(r.get(k, 0.0) for r in result.metrics for k in ("estep_seconds", "mstep_seconds", "eval_seconds"))
             naive_run = args.workdir / f"mnist-{int(missing * 100)}-naive-seed{seed}"
             masked = observations.operator.adjoint(observations.y)
             total_steps = TrainConfig(**{**training.__dict__, "steps": args.train_steps * args.rounds})
@@ -164,7 +164,7 @@ def mnist(args: argparse.Namespace) -> list[str]:
     (args.workdir / "mnist-rows.json").write_text(json.dumps({"rows": rows, "clean": clean}, indent=1, default=str))
     lines = [
         "| missing | Gaussian start FD | EM prior FD (last round) | clean prior FD | masked-as-clean FD | EM / clean |"
-        " PSNR mean (dB) | SSIM mean | PPC | EM wall time (s) |",
+        " PSNR mean (dB) | SSIM mean | PPC | EM rounds' time (s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for missing in args.missing:
