@@ -18,3 +18,19 @@ def test_reconstruction_figure_beats_the_observation(tmp_path):
     assert errors["mse_posterior_mean"] < 0.25 * errors["mse_observation"]
     grid = Image.open(tmp_path / "r.png")
     assert grid.size == (6 * 4 + 7, 5 * 4 + 6)
+
+
+def test_train_prior_is_a_function_of_its_seed(tmp_path):
+    """Same seed, same weights (the initialisation included); another seed, other weights."""
+    from cleanprior.diffusion.training import TrainConfig
+    from cleanprior.runs.prior import NetworkConfig, SampleConfig, train_prior
+
+    x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
+    options = dict(network=NetworkConfig(hidden=(16, 16)), sampling=SampleConfig(n=2, steps=2),
+                   training=TrainConfig(steps=3, batch_size=8, progress=False), seed=5)
+    first = train_prior(x, tmp_path / "a", **options)
+    second = train_prior(x, tmp_path / "b", **options)
+    third = train_prior(x, tmp_path / "c", **dict(options, seed=6))
+    for a, b, c in zip(first.parameters(), second.parameters(), third.parameters()):
+        assert torch.equal(a, b)
+    assert any(not torch.equal(a, c) for a, c in zip(first.parameters(), third.parameters()))

@@ -162,7 +162,11 @@ def train_prior(
         changed = sorted(k for k in ("data", "network", "training", "seed") if json.loads(json.dumps(previous.get(k), default=str)) != json.loads(json.dumps(config[k], default=str)))
         if changed:
             raise ValueError(f"cannot resume {run}: its {', '.join(changed)} configuration differs from the one given")
-    denoiser = default_network(tuple(data.shape[1:]), network).to(device)
+    # torch's initialisers draw from the global generator: a scoped seed makes the initial weights
+    # a function of ``seed`` and leaves the caller's global state as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        denoiser = default_network(tuple(data.shape[1:]), network).to(device)
     run.mkdir(parents=True, exist_ok=True)
     write_json(run / "config.json", config)
 
