@@ -21,14 +21,17 @@ def test_reconstruction_figure_beats_the_observation(tmp_path):
 
 
 def test_train_prior_is_a_function_of_its_seed(tmp_path):
-    """Same seed, same weights (the initialisation included); another seed, other weights."""
+    """Same seed, same weights (the initialisation included); another seed, other weights; the
+    caller's global generator is left as it was."""
     from cleanprior.diffusion.training import TrainConfig
     from cleanprior.runs.prior import NetworkConfig, SampleConfig, train_prior
 
     x = torch.randn(64, 3, generator=torch.Generator().manual_seed(1))
     options = dict(network=NetworkConfig(hidden=(16, 16)), sampling=SampleConfig(n=2, steps=2),
                    training=TrainConfig(steps=3, batch_size=8, progress=False), seed=5)
+    state = torch.random.get_rng_state()
     first = train_prior(x, tmp_path / "a", **options)
+    assert torch.equal(torch.random.get_rng_state(), state)
     second = train_prior(x, tmp_path / "b", **options)
     third = train_prior(x, tmp_path / "c", **dict(options, seed=6))
     for a, b, c in zip(first.parameters(), second.parameters(), third.parameters()):

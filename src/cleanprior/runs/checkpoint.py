@@ -164,7 +164,10 @@ def load_denoiser(
             configuration.
     """
     payload = load_checkpoint(path)
-    denoiser = build_denoiser(payload["denoiser"])
+    # the fresh network's random initialisation is overwritten at once: keep it off the caller's
+    # global generator
+    with torch.random.fork_rng(devices=[]):
+        denoiser = build_denoiser(payload["denoiser"])
     try:
         denoiser.load_state_dict(payload["state_dict"])
     except RuntimeError as error:
