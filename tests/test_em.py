@@ -56,7 +56,7 @@ def test_one_round_on_the_manifold_lowers_the_sinkhorn_divergence(tmp_path):
     # the manifold than the Gaussian it started from
     assert "log_evidence" in start
     # measured: 0.227 -> 0.172 (0.76x), and 0.119 after a second round
-    assert first["sinkhorn"] < 0.85 * start["sinkhorn"], (start["sinkhorn"], first["sinkhorn"])
+    assert first["sinkhorn"] < 0.8 * start["sinkhorn"], (start["sinkhorn"], first["sinkhorn"])
     # the posterior predictive check is near its ideal 1 for a prior that explains the data
     assert 0.3 < first["ppc"] < 3.0
     run = tmp_path / "run"

@@ -227,7 +227,6 @@ def posterior_batches(
         Samples, shape ``(N * S, *shape)``, observation-major (the ``S`` samples of
         observation ``i`` are rows ``i S`` to ``i S + S - 1``), on the CPU.
     """
-    from cleanprior.operators.registry import repeat_items
     from cleanprior.posterior.api import sample_posterior
 
     n = len(observations)
@@ -251,18 +250,14 @@ def posterior_batches(
         path = folder / f"batch_{b:05d}.pt" if folder is not None else None
         if path is not None and path.exists():
             continue
-        part = observations.subset(batches[b])
+        # each observation ``samples`` times in a row: subset repeats the per-item parameters too
+        part = observations.subset(batches[b].repeat_interleave(samples))
         generator = _generator(config.seed, *seed_keys, b, device=device)
-        A = repeat_items(part.operator, samples, len(part))
-        y = part.y.repeat_interleave(samples, 0)
-        noise_std = part.noise_std
-        if isinstance(noise_std, Tensor) and noise_std.ndim > 0:
-            noise_std = noise_std.repeat_interleave(samples, 0)
         if exact:
-            x = prior.sample_posterior(A, y, noise_std, generator=generator)
+            x = prior.sample_posterior(part.operator, part.y, part.noise_std, generator=generator)
         else:
-            x = sample_posterior(prior, A, y, shape=part.shape, noise_std=noise_std, method=config.method,
-                                 generator=generator, **config.posterior_options())
+            x = sample_posterior(prior, part.operator, part.y, shape=part.shape, noise_std=part.noise_std,
+                                 method=config.method, generator=generator, **config.posterior_options())
         x = x.detach().to("cpu", observations.y.real.dtype)
         if path is None:
             done[b] = x

@@ -145,14 +145,8 @@ def evaluate_round(
         x = posterior_batches(prior, heldout, config=eval_config, samples=S, seed_keys=(5,), exact=exact,
                               distribute=False)
         x = x.to(heldout.y.device)
-        from cleanprior.operators.registry import repeat_items
-
-        A = repeat_items(heldout.operator, S, len(heldout))
-        y = heldout.y.repeat_interleave(S, 0)
-        noise_std = heldout.noise_std
-        if isinstance(noise_std, Tensor) and noise_std.ndim > 0:
-            noise_std = noise_std.repeat_interleave(S, 0)
-        ppc = posterior_predictive(y, A, x, noise_std)
+        repeated = heldout.subset(torch.arange(len(heldout)).repeat_interleave(S))
+        ppc = posterior_predictive(repeated.y, repeated.operator, x, repeated.noise_std)
         metrics["ppc"] = float(ppc.mean())
         metrics["ppc_median"] = float(ppc.median())
         if exact and hasattr(prior, "log_evidence"):
