@@ -150,3 +150,47 @@ def test_training_runs_where_the_denoiser_is(device):
     assert next(result.denoiser.parameters()).device.type == device.type
     x = sample_prior(result.denoiser, 4, shape=(2,), steps=4)
     assert x.device.type == device.type
+
+
+def test_training_in_chunks_equals_training_in_one_go(tmp_path):
+    """``until`` stops at a step with a checkpoint; resuming chunk by chunk ends where one run ends."""
+    data = torch.randn(128, 3)
+    config = TrainConfig(steps=12, batch_size=16, checkpoint_every=100, progress=False, ema_decay=0.9, lr_schedule="cosine")
+    full = train(small_denoiser(3), data, config, generator=torch.Generator().manual_seed(0))
+    for until in (5, 9, 12):
+        chunked = train(small_denoiser(3), data, config, generator=torch.Generator().manual_seed(0),
+                        checkpoint=tmp_path / "run.pt", resume=True, until=until)
+        assert len(chunked.losses) == until
+    assert chunked.losses == full.losses
+    for a, b in zip(chunked.denoiser.state_dict().values(), full.denoiser.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="until"):
+        train(small_denoiser(3), data, config, until=13)
+
+
+def test_a_custom_loss_replaces_denoising_score_matching():
+    """With a loss whose optimum is known (a denoiser that outputs x + 1), training reaches it.
+
+    The loss regresses ``D(x + sigma eps, sigma)`` onto ``x + 1``: its minimiser is
+    ``E[x | x_t] + 1``; at a low noise level ``E[x | x_t]`` is ``x_t`` up to ``sigma^2``, so the
+    trained denoiser must output about ``x_t + 1``, which plain score matching never would.
+    The loss also sees the rows' indices and a generator of its own.
+    """
+    seen = []
+
+    def shifted(denoiser, x, sigma, noise, index, generator):
+        seen.append((index.clone(), generator.initial_seed()))
+        target = x + 1
+        error = denoiser(x + sigma[:, None] * noise, sigma) - target
+        return error.pow(2).mean(1) / sigma**2
+
+    data = torch.randn(512, 2)
+    config = TrainConfig(steps=300, batch_size=64, lr=3e-3, progress=False, ema_decay=0.9, noise="lognormal",
+                         p_mean=-3.0, p_std=0.3)
+    result = train(small_denoiser(2), data, config, generator=torch.Generator().manual_seed(0), loss=shifted)
+    x = torch.randn(256, 2)
+    with torch.no_grad():
+        out = result.denoiser(x, torch.full((256,), 0.05))
+    assert (out - x - 1).abs().mean() < 0.1
+    assert all(len(i) == 64 and i.max() < 512 for i, _ in seen)
+    assert len({s for _, s in seen}) == len(seen)  # a fresh generator every step

@@ -116,7 +116,6 @@ def build_parser() -> Any:
     evaluate.add_argument("observations", help="an observation file (its 'x', when present, gives PSNR/SSIM)")
     evaluate.add_argument("-o", "--output", default="", help="where to write metrics.json and figures (default RUN/evaluation)")
     evaluate.add_class_arguments(EvalConfig, "evaluation")
-    evaluate.add_argument("--method", default="mmps", help="the posterior method")
     evaluate.add_argument("--steps", type=int, default=32, help="sampler steps")
     evaluate.add_argument("--limit", type=int, default=64, help="observations used (0: all)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed")

@@ -154,7 +154,7 @@ def reconstruct(
 
     data = load_observations(observations, device=device)
     denoiser = load_denoiser(pathlib.Path(run) / "checkpoint.pt", device=device)
-    config = EMConfig(method=method, steps=steps, sampler=sampler, solver=solver, iterations=iterations,
+    config = EMConfig(posterior=method, steps=steps, sampler=sampler, solver=solver, iterations=iterations,
                       batch_size=batch_size, samples=samples, seed=seed)
     x = posterior_batches(denoiser, data, config=config, samples=samples, seed_keys=(7,), progress=True,
                           desc="posterior", distribute=False)
@@ -168,7 +168,6 @@ def evaluate(
     observations: str,
     output: str = "",
     evaluation: Any = None,
-    method: str = "mmps",
     steps: int = 32,
     limit: int = 64,
     seed: int = 0,
@@ -187,7 +186,7 @@ def evaluate(
     denoiser = load_denoiser(pathlib.Path(run) / "checkpoint.pt", device=device)
     folder = pathlib.Path(output) if output else pathlib.Path(run) / "evaluation"
     metrics = evaluate_round(denoiser, data, folder, evaluation or EvalConfig(),
-                             EMConfig(method=method, steps=steps, seed=seed), round_index=-1, exact=False, seed=seed)
+                             EMConfig(steps=steps, seed=seed), round_index=-1, exact=False, seed=seed)
     metrics.pop("round")
     write_json(folder / "metrics.json", metrics)
     for key, value in metrics.items():
@@ -227,7 +226,7 @@ def demo(output: str = "demo-run", rounds: int = 0, device: str = "cpu") -> None
                                        generator=torch.Generator().manual_seed(0))
         run.mkdir(parents=True, exist_ok=True)
         save_observations(path, observations)
-    config = EMConfig(rounds=rounds or DEMO["rounds"], method="mmps", steps=16, sampler="ddpm", samples=1,
+    config = EMConfig(rounds=rounds or DEMO["rounds"], posterior="mmps", steps=16, sampler="ddpm", samples=1,
                       batch_size=128, solver="gmres", iterations=1, gaussian_rank=32, gaussian_iterations=8,
                       gaussian_samples=1, heldout=64)
     network = NetworkConfig(channels=(16, 32, 64), blocks=1)

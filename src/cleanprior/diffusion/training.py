@@ -29,7 +29,7 @@ import os
 import pathlib
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -38,7 +38,7 @@ from cleanprior.diffusion.denoiser import expand_sigma
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN, ExponentialSchedule
 
-__all__ = ["TrainConfig", "TrainResult", "dsm_loss", "sample_sigma", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingLoss", "dsm_loss", "sample_sigma", "train"]
 
 
 @dataclasses.dataclass
@@ -174,6 +174,35 @@ def dsm_loss(
     return weight * error.float().pow(2).flatten(1).mean(1)
 
 
+class TrainingLoss(Protocol):
+    """A per-sample training loss that :func:`train` can use in place of :func:`dsm_loss`."""
+
+    def __call__(
+        self,
+        denoiser: PreconditionedDenoiser,
+        x: Tensor,
+        sigma: Tensor,
+        noise: Tensor,
+        index: Tensor,
+        generator: torch.Generator,
+    ) -> Tensor:
+        """The loss of each sample of a minibatch.
+
+        Arguments:
+            denoiser: The denoiser being trained.
+            x: The minibatch's rows of the training data, shape ``(B, *shape)``.
+            sigma: Noise levels drawn by the configured law, shape ``(B,)``.
+            noise: Standard normal noise, shape ``(B, *shape)``.
+            index: The rows' indices into the training data, shape ``(B,)`` (for per-item
+                side information such as masks).
+            generator: The step's own generator (on the training device), for further draws.
+
+        Returns:
+            The per-sample loss, shape ``(B,)``.
+        """
+        ...
+
+
 @dataclasses.dataclass
 class TrainResult:
     """What training returns.
@@ -205,8 +234,10 @@ def train(
     resume: bool = False,
     metadata: dict[str, Any] | None = None,
     callback: Callable[[int, float], None] | None = None,
+    loss: TrainingLoss | None = None,
+    until: int | None = None,
 ) -> TrainResult:
-    r"""Train a denoiser on clean samples by denoising score matching.
+    r"""Train a denoiser on clean samples by denoising score matching (or another loss).
 
     Arguments:
         denoiser: The denoiser to train, in place (its device is the training device).
@@ -220,6 +251,14 @@ def train(
         resume: Continue from ``checkpoint`` if it exists (same data and options expected).
         metadata: Recorded in the checkpoint (e.g. what the data is).
         callback: Called as ``callback(step, loss)`` after every step.
+        loss: The per-sample loss, :func:`dsm_loss` when omitted. Methods that learn from
+            corrupted data (AmbientDiffusion, SURE-based score matching) put their own here; each
+            step it gets a generator of its own, seeded from ``generator``, for the randomness it
+            adds (see :class:`TrainingLoss`).
+        until: Stop once this many steps are done in all (at most ``config.steps``), with a
+            checkpoint there; a later call with ``resume`` goes on from it. The learning-rate
+            schedule spans ``config.steps`` whatever the chunks, so training in chunks equals
+            training in one go.
 
     Under ``torchrun`` (:mod:`cleanprior.distributed`), training is data-parallel with the
     minibatches of a single process: every rank draws the whole minibatch (indices, levels,
@@ -246,6 +285,9 @@ def train(
         generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
     if generator.device.type != "cpu":
         raise ValueError("train takes a CPU generator (it draws minibatch indices)")
+    end = config.steps if until is None else int(until)
+    if not 0 <= end <= config.steps:
+        raise ValueError(f"until must lie in [0, config.steps = {config.steps}], got {until}")
     if config.amp and device.type == "cpu":
         warnings.warn(
             "amp=True on a CPU: bfloat16 convolutions fall back to slow kernels on CPUs without native "
@@ -295,7 +337,7 @@ def train(
             },
         )
 
-    steps = range(start, config.steps)
+    steps = range(start, end)
     bar = None
     if config.progress:
         from tqdm.auto import tqdm
@@ -312,10 +354,18 @@ def train(
         eps = torch.randn((config.batch_size, *data.shape[1:]), generator=generator, dtype=data.dtype)
         rows = slice(rank, None, world)
         x = data[index[rows]].to(device, non_blocking=True)
+        # a loss's own randomness comes from a per-step generator, so that the shared generator
+        # stays in step across ranks whatever the loss draws
+        own = None if loss is None else torch.Generator(device=device).manual_seed(
+            int(torch.randint(2**62, (), generator=generator)) + rank)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
-            share = dsm_loss(denoiser, x, sigma[rows].to(device), noise=eps[rows].to(device)).sum() / config.batch_size
-        loss = distributed.all_reduce_sum(share.detach().clone())
-        if not torch.isfinite(loss):
+            if loss is None:
+                per_sample = dsm_loss(denoiser, x, sigma[rows].to(device), noise=eps[rows].to(device))
+            else:
+                per_sample = loss(denoiser, x, sigma[rows].to(device), eps[rows].to(device), index[rows], own)
+            share = per_sample.sum() / config.batch_size
+        value = distributed.all_reduce_sum(share.detach().clone())
+        if not torch.isfinite(value):
             save(step)
             raise FloatingPointError(f"the training loss became non-finite at step {step}; the last good state is saved")
         optimizer.zero_grad(set_to_none=True)
@@ -325,14 +375,14 @@ def train(
             torch.nn.utils.clip_grad_norm_(denoiser.parameters(), config.clip)
         optimizer.step()
         _ema_update(ema, denoiser, config.ema_decay)
-        losses.append(loss.item())
+        losses.append(value.item())
         if bar is not None and step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
         if callback is not None:
             callback(step, losses[-1])
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < end:
             save(step + 1)
     denoiser.eval()
-    save(config.steps)
+    save(max(start, end))
     distributed.barrier()
     return TrainResult(ema, losses)

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import os
 import pathlib
 import time
@@ -54,7 +53,7 @@ from torch import Tensor
 from cleanprior import distributed
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 from cleanprior.diffusion.training import TrainConfig, train
-from cleanprior.runs.atomic import write_json
+from cleanprior.learning.rounds import Round, round_generator, run_rounds
 from cleanprior.runs.checkpoint import load_checkpoint, load_denoiser, save_checkpoint, save_denoiser
 
 __all__ = ["EMConfig", "EMResult", "EvalConfig", "fit_em", "posterior_batches"]
@@ -66,7 +65,7 @@ class EMConfig:
 
     Attributes:
         rounds: EM rounds after the Gaussian start (a resumed run may raise it to go on).
-        method: The E-step's posterior method (any of :func:`cleanprior.posterior.METHODS`).
+        posterior: The E-step's posterior method (any of :func:`cleanprior.posterior.METHODS`).
         steps: Sampler steps per posterior sample.
         sampler: The sampler that runs the guidance rule (``ddim``, ``ddpm``, ``heun``, ``pc``).
         samples: Posterior samples per observation per round.
@@ -83,10 +82,15 @@ class EMConfig:
         heldout: Observations kept out of the E-step and M-step for the per-round diagnostics.
         seed: The run's seed: the held-out split, the Gaussian start, every E-step batch and
             every M-step derive their generators from it.
+        zetas: EMDiffusion: the DPS step sizes tried at the start of each round (the one whose
+            held-out posterior predictive check is nearest 1 runs the E-step).
+        tune_observations: EMDiffusion: held-out observations that choose the step size.
+        delta: AmbientDiffusion: the fraction of the observed pixels hidden again (further
+            corruption) in every training example.
     """
 
     rounds: int = 4
-    method: str = "mmps"
+    posterior: str = "mmps"
     steps: int = 32
     sampler: str = "ddpm"
     samples: int = 1
@@ -98,6 +102,9 @@ class EMConfig:
     gaussian_samples: int = 2
     heldout: int = 64
     seed: int = 0
+    zetas: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
+    tune_observations: int = 16
+    delta: float = 0.1
 
     def __post_init__(self) -> None:
         for name in ("rounds", "steps", "samples", "batch_size", "iterations", "gaussian_iterations",
@@ -107,11 +114,18 @@ class EMConfig:
                 raise ValueError(f"EMConfig.{name} must be a positive integer, got {value!r}")
         if self.gaussian_rank < 0 or self.heldout < 0:
             raise ValueError("EMConfig.gaussian_rank and EMConfig.heldout must be non-negative")
+        self.zetas = tuple(float(z) for z in self.zetas)
+        if not self.zetas or not all(z > 0 for z in self.zetas):
+            raise ValueError(f"EMConfig.zetas must be positive step sizes, got {self.zetas}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"EMConfig.delta must lie in (0, 1), got {self.delta}")
 
     def posterior_options(self) -> dict[str, Any]:
         """The options handed to :func:`cleanprior.sample_posterior` in the E-step."""
+        from cleanprior.posterior.api import method_options
+
         options: dict[str, Any] = {"steps": self.steps, "sampler": self.sampler}
-        if self.method in ("mmps", "pc", "tds", "pigdm", "sda", "tmpd"):
+        if "solver" in method_options(self.posterior):
             options.update(solver=self.solver, iterations=self.iterations)
         return options
 
@@ -121,6 +135,8 @@ class EvalConfig:
     """What is measured and drawn after every round (see :mod:`cleanprior.learning.evaluation`).
 
     Attributes:
+        method: The posterior method of the held-out reconstructions (with the E-step's steps,
+            sampler and solver), the same for every learning method so that their figures compare.
         prior_samples: Prior samples drawn for the plots and the distances to clean data.
         posterior_samples: Posterior samples per held-out observation.
         shown: Held-out observations shown in the reconstruction figure.
@@ -138,6 +154,7 @@ class EvalConfig:
             goes on).
     """
 
+    method: str = "mmps"
     prior_samples: int = 64
     posterior_samples: int = 4
     shown: int = 8
@@ -163,12 +180,7 @@ class EMResult:
     metrics: list[dict[str, Any]]
 
 
-def _generator(seed: int, *keys: int, device: torch.device | str = "cpu") -> torch.Generator:
-    # one generator per (seed, purpose, round, batch): results do not depend on the order of work
-    value = seed
-    for key in keys:
-        value = (value * 1_000_003 + key) % (2**62)
-    return torch.Generator(device=device).manual_seed(value)
+_generator = round_generator
 
 
 def _save_gaussian(path: pathlib.Path, gaussian: Any, description: str) -> None:
@@ -205,6 +217,7 @@ def posterior_batches(
     progress: bool = False,
     desc: str = "E-step",
     distribute: bool = True,
+    options: dict[str, Any] | None = None,
 ) -> Tensor:
     """Posterior samples for every observation, batch by batch, across ranks, resumable.
 
@@ -222,6 +235,7 @@ def posterior_batches(
         desc: The progress bar's label.
         distribute: Deal the batches to the ranks (False: this process does them all, with no
             collective call; for work that only rank 0 does, such as evaluation).
+        options: More options of the posterior method (e.g. DPS's ``zeta``).
 
     Returns:
         Samples, shape ``(N * S, *shape)``, observation-major (the ``S`` samples of
@@ -257,7 +271,8 @@ def posterior_batches(
             x = prior.sample_posterior(part.operator, part.y, part.noise_std, generator=generator)
         else:
             x = sample_posterior(prior, part.operator, part.y, shape=part.shape, noise_std=part.noise_std,
-                                 method=config.method, generator=generator, **config.posterior_options())
+                                 method=config.posterior, generator=generator,
+                                 **config.posterior_options(), **(options or {}))
         x = x.detach().to("cpu", observations.y.real.dtype)
         if path is None:
             done[b] = x
@@ -278,6 +293,121 @@ def posterior_batches(
         for b, piece in zip(owned, torch.split(rows, [len(batches[b]) * samples for b in owned])):
             pieces[b] = piece
     return torch.cat([pieces[b] for b in range(len(batches))])
+
+
+def m_step(context: Round, k: int, x: Tensor, warm: PreconditionedDenoiser | None, method: str) -> tuple[PreconditionedDenoiser, dict[str, Any]]:
+    """Train the denoiser on a round's samples by denoising score matching (the M-step).
+
+    Warm-started from ``warm`` with a fresh optimiser; a new network, its initial weights drawn
+    from the run's seed, when ``warm`` is None. The training checkpoint is
+    ``RUN/rounds/KK/train.pt`` (resumable), and the EMA denoiser is also written to
+    ``RUN/checkpoint.pt``.
+
+    Arguments:
+        context: The run.
+        k: The round.
+        x: The samples to train on, shape ``(N, *shape)``.
+        warm: The previous round's denoiser, or None.
+        method: The learning method's name (recorded in the checkpoint).
+
+    Returns:
+        The EMA denoiser and the round's M-step metrics (``mstep_seconds``, ``loss``).
+    """
+    from cleanprior.runs.prior import default_network
+
+    if warm is None:
+        # torch's initialisers draw from the global generator: a scoped seed makes the initial
+        # weights a function of the run's seed, equal on every rank, and leaves the caller's
+        # global state as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (), generator=_generator(context.config.seed, 8))))
+            model = default_network(context.shape, context.network)
+    else:
+        model = copy.deepcopy(warm)
+    model = model.to(context.device).requires_grad_(True)
+    training = dataclasses.replace(context.training, progress=context.progress and distributed.is_main())
+    metadata = {"trained_on": context.description, "shape": list(context.shape),
+                "network": dataclasses.asdict(context.network), "em_round": k, "method": method}
+    began = time.perf_counter()
+    result = train(model, x.to(context.device), training, generator=_generator(context.config.seed, 4, k),
+                   checkpoint=context.folder(k) / "train.pt", resume=True, metadata=metadata)
+    seconds = time.perf_counter() - began
+    if distributed.is_main():
+        save_denoiser(context.run / "checkpoint.pt", result.denoiser, metadata=metadata)
+    tail = result.losses[-50:]
+    return result.denoiser, {"mstep_seconds": seconds, "loss": sum(tail) / max(1, len(tail))}
+
+
+class DiEM:
+    """DiEM's rounds (a :class:`~cleanprior.learning.rounds.Method`): the Gaussian start, then
+    E-step by posterior sampling and M-step by denoising score matching.
+
+    Files: ``RUN/gaussian.pt`` (the start), ``RUN/rounds/KK/estep/batch_*.pt`` (the E-step's
+    samples), ``RUN/rounds/KK/train.pt`` (the M-step's training checkpoint).
+    """
+
+    name = "diem"
+    start_label = "Gaussian start"
+
+    def __init__(self) -> None:
+        self.gaussian: Any = None
+
+    def check(self, observations: Any, config: EMConfig) -> None:
+        """Refuse an unknown E-step method before any work."""
+        from cleanprior.posterior.api import METHODS
+
+        if config.posterior not in METHODS():
+            raise ValueError(f"unknown posterior method {config.posterior!r}; known methods: {', '.join(METHODS())}")
+
+    def settings(self) -> dict[str, Any]:
+        return {}
+
+    def start(self, context: Round) -> tuple[Any, bool]:
+        from cleanprior.learning.gaussian import fit_gaussian
+
+        config, data = context.config, context.data
+        path = context.run / "gaussian.pt"
+        if path.exists():
+            gaussian = _load_gaussian(path)
+        else:
+            gaussian = fit_gaussian(
+                data.y, data.operator, data.noise_std, context.shape, rank=config.gaussian_rank or None,
+                iterations=config.gaussian_iterations, samples=config.gaussian_samples,
+                generator=_generator(config.seed, 2, device=context.device),
+                progress=context.progress and distributed.is_main(),
+            )
+            if distributed.is_main():
+                _save_gaussian(path, gaussian, context.description)
+            distributed.barrier()
+        self.gaussian = gaussian.to(context.device)
+        return self.gaussian, True
+
+    def e_step(self, context: Round, k: int, prior: Any, exact: bool, options: dict[str, Any] | None = None,
+               config: EMConfig | None = None) -> tuple[Tensor, float]:
+        """Posterior samples of round ``k`` for every observation, and the seconds they took."""
+        began = time.perf_counter()
+        x = posterior_batches(
+            prior, context.data, config=config or context.config, samples=context.config.samples, seed_keys=(3, k),
+            folder=context.folder(k) / "estep", exact=exact, progress=context.progress, desc=f"round {k} E-step",
+            options=options,
+        )
+        if not torch.isfinite(x).all():
+            raise FloatingPointError(f"round {k}: the E-step produced non-finite samples")
+        return x, time.perf_counter() - began
+
+    def round(self, context: Round, k: int, prior: Any) -> tuple[PreconditionedDenoiser, dict[str, Any]]:
+        exact = prior is self.gaussian
+        x, seconds = self.e_step(context, k, prior, exact)
+        denoiser, row = m_step(context, k, x, None if exact else prior, self.name)
+        return denoiser, dict(row, estep_seconds=seconds)
+
+    def restore(self, context: Round, k: int) -> PreconditionedDenoiser:
+        # the completed round's own EMA weights (RUN/checkpoint.pt may already hold a later
+        # round's, if the process died between its M-step and the end of its round)
+        return load_denoiser(context.folder(k) / "train.pt", device=context.device)
+
+    def evaluate(self, context: Round, k: int, prior: Any) -> dict[str, Any]:
+        return {}
 
 
 def fit_em(
@@ -318,132 +448,13 @@ def fit_em(
         ValueError: If resuming with another configuration, or for invalid options (before any
             work).
     """
-    from cleanprior.learning.evaluation import evaluate_round
-    from cleanprior.learning.gaussian import fit_gaussian
-    from cleanprior.posterior.api import METHODS
-    from cleanprior.runs.prior import NetworkConfig, default_network
-    from cleanprior.runs.report import write_report
+    from cleanprior.runs.prior import NetworkConfig
 
-    network = network or NetworkConfig()
     config = config or EMConfig()
-    training = training or TrainConfig(steps=2000, batch_size=128)
-    evaluation = evaluation or EvalConfig()
-    run = pathlib.Path(run)
-    if config.method not in METHODS():
-        raise ValueError(f"unknown posterior method {config.method!r}; known methods: {', '.join(METHODS())}")
-    if config.heldout >= len(observations):
-        raise ValueError(f"heldout={config.heldout} leaves no observation for EM out of {len(observations)}")
-
-    settings = {
-        "command": "fit",
-        "method": "diem",
-        "observations": {"description": description, "count": len(observations), "shape": list(observations.shape),
-                         "y_shape": list(observations.y.shape[1:]), "operator": observations.operator.name},
-        "network": dataclasses.asdict(network),
-        "em": dataclasses.asdict(config),
-        "training": dataclasses.asdict(training),
-        "evaluation": dataclasses.asdict(evaluation),
-        "device": str(device),
-    }
-    state_path = run / "state.json"
-    device = distributed.setup(device)
-    if (run / "config.json").exists() and not resume:
-        raise FileExistsError(f"{run} already holds a run; pass resume=True (--resume) to continue it, or choose another folder")
-    if resume and (run / "config.json").exists():
-        previous = json.loads((run / "config.json").read_text())
-        fixed = dict(settings, em={k: v for k, v in settings["em"].items() if k != "rounds"}, evaluation=None, device=None)
-        before = dict(previous, em={k: v for k, v in previous.get("em", {}).items() if k != "rounds"}, evaluation=None, device=None)
-        changed = sorted(k for k in fixed if json.loads(json.dumps(fixed[k], default=str)) != before.get(k))
-        if changed:
-            raise ValueError(f"cannot resume {run}: its {', '.join(changed)} configuration differs from the one given")
-
-    distributed.barrier()  # every rank has checked the folder before rank 0 writes to it
-    if distributed.is_main():
-        run.mkdir(parents=True, exist_ok=True)
-        write_json(run / "config.json", settings)
-    distributed.barrier()
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"rounds": -1, "metrics": []}
-
-    split = torch.randperm(len(observations), generator=_generator(config.seed, 1))
-    heldout = observations.subset(split[: config.heldout]) if config.heldout else None
-    data = observations.subset(split[config.heldout :]).to(device)
-    shape = tuple(observations.shape)
-
-    # round 0: the Gaussian start
-    gaussian_path = run / "gaussian.pt"
-    if gaussian_path.exists():
-        gaussian = _load_gaussian(gaussian_path)
-    else:
-        gaussian = fit_gaussian(
-            data.y, data.operator, data.noise_std, shape, rank=config.gaussian_rank or None,
-            iterations=config.gaussian_iterations, samples=config.gaussian_samples,
-            generator=_generator(config.seed, 2, device=device), progress=progress and distributed.is_main(),
-        )
-        if distributed.is_main():
-            _save_gaussian(gaussian_path, gaussian, description)
-        distributed.barrier()
-    gaussian = gaussian.to(device)
-    metrics: list[dict[str, Any]] = list(state["metrics"])
-    if state["rounds"] < 0:
-        if distributed.is_main():
-            metrics = [evaluate_round(gaussian, heldout, run / "rounds" / "00", evaluation, config, round_index=0,
-                                      exact=True, seed=config.seed)]
-            write_report(run, metrics, description=description)
-            write_json(state_path, {"rounds": 0, "metrics": metrics})
-        distributed.barrier()
-        state = json.loads(state_path.read_text())
-        metrics = list(state["metrics"])
-
-    denoiser: PreconditionedDenoiser | None = None
-    if state["rounds"] >= 1:
-        # the last completed round's own EMA weights (RUN/checkpoint.pt may already hold a later
-        # round's, if the process died between its M-step and the end of its round)
-        denoiser = load_denoiser(run / "rounds" / f"{state['rounds']:02d}" / "train.pt", device=device)
-    for k in range(state["rounds"] + 1, config.rounds + 1):
-        folder = run / "rounds" / f"{k:02d}"
-        began = time.perf_counter()
-        x = posterior_batches(
-            gaussian if denoiser is None else denoiser, data, config=config, samples=config.samples,
-            seed_keys=(3, k), folder=folder / "estep", exact=denoiser is None, progress=progress,
-            desc=f"round {k} E-step",
-        )
-        estep_seconds = time.perf_counter() - began
-        if not torch.isfinite(x).all():
-            raise FloatingPointError(f"round {k}: the E-step produced non-finite samples")
-        if denoiser is None:
-            # torch's initialisers draw from the global generator: a scoped seed makes the initial
-            # weights a function of the run's seed, equal on every rank, and leaves the caller's
-            # global state as it was
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(torch.randint(2**62, (), generator=_generator(config.seed, 8))))
-                model = default_network(shape, network)
-        else:
-            model = copy.deepcopy(denoiser)
-        model = model.to(device).requires_grad_(True)
-        round_training = dataclasses.replace(training, progress=progress and distributed.is_main())
-        began = time.perf_counter()
-        result = train(
-            model, x.to(device), round_training, generator=_generator(config.seed, 4, k),
-            checkpoint=folder / "train.pt", resume=True,
-            metadata={"trained_on": description, "shape": list(shape), "network": dataclasses.asdict(network),
-                      "em_round": k},
-        )
-        mstep_seconds = time.perf_counter() - began
-        denoiser = result.denoiser
-        if distributed.is_main():
-            save_denoiser(run / "checkpoint.pt", denoiser, metadata={
-                "trained_on": description, "shape": list(shape), "network": dataclasses.asdict(network),
-                "em_round": k, "method": "diem",
-            })
-            row = evaluate_round(denoiser, heldout, folder, evaluation, config, round_index=k, exact=False,
-                                 seed=config.seed)
-            row.update(estep_seconds=estep_seconds, mstep_seconds=mstep_seconds,
-                       loss=sum(result.losses[-50:]) / max(1, len(result.losses[-50:])))
-            metrics.append(row)
-            write_report(run, metrics, description=description)
-            write_json(state_path, {"rounds": k, "metrics": metrics})
-        distributed.barrier()
-        metrics = json.loads(state_path.read_text())["metrics"]
-    if distributed.is_main():
-        write_json(run / "metrics.json", metrics)
-    return EMResult(denoiser, gaussian, metrics)
+    method = DiEM()
+    prior, gaussian, metrics = run_rounds(
+        method, observations, pathlib.Path(run), config=config, network=network or NetworkConfig(),
+        training=training or TrainConfig(steps=2000, batch_size=128), evaluation=evaluation or EvalConfig(),
+        device=device, resume=resume, progress=progress, description=description,
+    )
+    return EMResult(None if prior is gaussian else prior, gaussian, metrics)

@@ -86,7 +86,8 @@ def evaluate_round(
             metrics).
         folder: Where the figures go (created).
         evaluation: An :class:`~cleanprior.learning.em.EvalConfig`.
-        config: The :class:`~cleanprior.learning.em.EMConfig` whose posterior method is used.
+        config: The :class:`~cleanprior.learning.em.EMConfig` whose sampler options are used
+            (with ``evaluation.method`` as the posterior method).
         round_index: The round (0 for the start).
         exact: Whether ``prior`` samples exactly (no sampler).
         seed: The run's seed; the same held-out draws are used every round.
@@ -141,7 +142,7 @@ def evaluate_round(
 
     if heldout is not None and len(heldout) > 0:
         S = evaluation.posterior_samples
-        eval_config = dataclasses.replace(config, batch_size=max(1, config.batch_size // S))
+        eval_config = dataclasses.replace(config, posterior=evaluation.method, batch_size=max(1, config.batch_size // S))
         x = posterior_batches(prior, heldout, config=eval_config, samples=S, seed_keys=(5,), exact=exact,
                               distribute=False)
         x = x.to(heldout.y.device)

@@ -29,7 +29,7 @@ from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN, make_grid
 from cleanprior.operators.base import Operator, as_operator
 from cleanprior.posterior.guidance import GUIDANCE, posterior_denoiser
 
-__all__ = ["LOOPS", "METHODS", "sample_posterior", "check_observation"]
+__all__ = ["LOOPS", "METHODS", "check_observation", "method_options", "sample_posterior"]
 
 LOOPS: dict[str, Callable[..., Tensor]] = {}
 """Methods with their own loop: ``loop(denoiser, A, y, noise_std, x_t, sigmas, *, generator, progress, **options)``."""
@@ -38,6 +38,37 @@ LOOPS: dict[str, Callable[..., Tensor]] = {}
 def METHODS() -> list[str]:  # noqa: N802  (a function so that late registrations are listed)
     """The names ``sample_posterior`` accepts."""
     return sorted({*GUIDANCE, "pc", *LOOPS})
+
+
+def method_options(method: str) -> set[str]:
+    """The options a method's own rule or loop takes by name (beyond the sampler's and the grid's).
+
+    Read from the signatures of the guidance rule's constructors (its class and its bases) or of
+    the method's loop, so that a caller can hand a method only the options it knows (e.g.
+    ``solver`` and ``iterations`` to MMPS, not to DPS).
+
+    Arguments:
+        method: A name of :func:`METHODS`.
+
+    Returns:
+        The option names.
+
+    Raises:
+        ValueError: For an unknown method.
+    """
+    import inspect
+
+    from cleanprior.posterior.guidance import PosteriorDenoiser
+
+    if method not in METHODS():
+        raise ValueError(f"unknown posterior method {method!r}; known methods: {', '.join(METHODS())}")
+    if method in LOOPS:
+        functions: list[Callable[..., Any]] = [LOOPS[method]]
+    else:
+        rule = GUIDANCE["mmps" if method == "pc" else method]
+        functions = [c.__init__ for c in rule.__mro__ if issubclass(c, PosteriorDenoiser) and "__init__" in vars(c)]
+    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return {p.name for f in functions for p in inspect.signature(f).parameters.values() if p.kind in kinds} - {"self"}
 
 
 def check_observation(A: Operator, y: Tensor, shape: Sequence[int], noise_std: float | Tensor) -> None:

@@ -140,14 +140,19 @@ METRIC_LABELS = {
     "frechet": "Frechet distance of prior samples (classifier features)",
     "fid_inception": "Inception FID of prior samples",
     "sinkhorn": "Sinkhorn divergence of prior samples to clean data",
-    "loss": "M-step denoising loss (last 50 steps)",
+    "amortized_psnr": "PSNR of the flow's one-pass posterior mean (FlowDiff, dB)",
+    "amortized_ssim": "SSIM of the flow's one-pass posterior mean (FlowDiff)",
+    "dps_zeta": "DPS step size chosen this round (EMDiffusion)",
+    "loss": "training loss (last 50 steps)",
     "estep_seconds": "E-step seconds",
     "mstep_seconds": "M-step seconds",
+    "round_seconds": "seconds of the round's learning",
     "eval_seconds": "evaluation seconds",
 }
 """What each recorded metric is, for the report's table and plots."""
 
-_CURVES = ("ppc", "psnr_mean", "ssim_mean", "rmse_mean", "frechet", "fid_inception", "sinkhorn", "loss")
+_CURVES = ("ppc", "psnr_mean", "ssim_mean", "rmse_mean", "amortized_psnr", "frechet", "fid_inception", "sinkhorn",
+           "dps_zeta", "loss")
 
 
 def metric_curves(metrics: list[dict[str, float]], path: str | os.PathLike[str]) -> Path | None:
@@ -197,7 +202,12 @@ def metric_curves(metrics: list[dict[str, float]], path: str | os.PathLike[str])
 
 
 def write_report(
-    run: str | os.PathLike[str], metrics: list[dict[str, float]], *, description: str = "", title: str = "EM run"
+    run: str | os.PathLike[str],
+    metrics: list[dict[str, float]],
+    *,
+    description: str = "",
+    title: str = "",
+    start_label: str = "Gaussian start",
 ) -> Path:
     """Write ``RUN/report.html``: a metrics table, metric curves and every round's figures.
 
@@ -208,7 +218,8 @@ def write_report(
         run: The run folder.
         metrics: One dict per round (``round`` 0 is the start).
         description: What the data are.
-        title: The page's title.
+        title: The page's title (default: the run folder's name).
+        start_label: What round 0 is (the method's start).
 
     Returns:
         The report's path.
@@ -216,6 +227,7 @@ def write_report(
     import html
 
     run = Path(run)
+    title = title or f"cleanprior run {run.resolve().name}"
     curves = metric_curves(metrics, run / "metrics.png")
     names = [n for n in METRIC_LABELS if any(n in row for row in metrics)]
     head = "".join(f"<th title='{html.escape(METRIC_LABELS[n])}'>{html.escape(n)}</th>" for n in names)
@@ -226,7 +238,7 @@ def write_report(
         return "" if value is None else html.escape(str(value))
 
     body = "".join(
-        "<tr><td>" + ("Gaussian start" if row["round"] == 0 else str(row["round"])) + "</td>"
+        "<tr><td>" + (start_label if row["round"] == 0 else str(row["round"])) + "</td>"
         + "".join(f"<td>{cell(row.get(n))}</td>" for n in names) + "</tr>"
         for row in metrics
     )
@@ -234,7 +246,7 @@ def write_report(
     figures = []
     for row in metrics:
         folder = f"rounds/{row['round']:02d}"
-        label = "Gaussian start" if row["round"] == 0 else f"round {row['round']}"
+        label = start_label if row["round"] == 0 else f"round {row['round']}"
         images = "".join(
             f"<figure><img src='{folder}/{name}.png'><figcaption>{caption}</figcaption></figure>"
             for name, caption in (("samples", "prior samples"),
