@@ -1,0 +1,134 @@
+r"""Priors trained directly on data, without EM: the bounds and the corruption-aware baselines.
+
+Every learning method is measured against two bounds and two published baselines, each a
+single training run (no posterior sampling), cut into rounds of ``training.steps`` steps so that
+it has the same run folder, resume, per-round evaluation and report as EM:
+
+- ``clean``: denoising score matching on the clean images the observation file carries under
+  ``x`` (the upper bound: no learning method can know more);
+- ``naive``: the corrupted data taken as if clean (the lower bound): the observations themselves
+  when they have the signal's shape (masked, blurred or noisy images), :math:`A^\top y` otherwise;
+- ``ambient``: AmbientDiffusion (:mod:`cleanprior.learning.ambient`): masked data corrupted
+  further, the loss on the originally observed pixels; for noisy data with :math:`A = I`, its
+  noisy-data form;
+- ``sure``: SURE-based score matching for noisy data (:mod:`cleanprior.learning.sure`), for
+  :math:`A = I` only.
+
+The whole run trains ``rounds x training.steps`` steps with one learning-rate schedule, one
+optimiser and one EMA (:func:`~cleanprior.diffusion.training.train` with ``until``), checkpointed
+in ``RUN/train.pt``; round ``k`` ends at step ``k x training.steps`` and leaves its EMA prior in
+``RUN/rounds/KK/denoiser.pt``.
+
+References:
+    Daras et al. (2023). Ambient Diffusion: Learning Clean Distributions from Corrupted Data.
+    https://arxiv.org/abs/2305.19256
+    Aali, Arvinte, Kumar & Tamir (2023). Solving Inverse Problems with Score-Based Generative
+    Priors learned from Noisy Data (SURE-Score). https://arxiv.org/abs/2305.01166
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from cleanprior import distributed
+from cleanprior.diffusion.training import TrainingLoss, train
+from cleanprior.learning.rounds import Round, round_generator
+from cleanprior.runs.checkpoint import load_denoiser, save_denoiser
+
+__all__ = ["BASELINES", "Direct", "as_if_clean"]
+
+BASELINES = ("clean", "naive", "ambient", "sure")
+"""The methods of :class:`Direct`."""
+
+
+def as_if_clean(observations: Any) -> Tensor:
+    r"""The corrupted data taken as clean signals: ``y`` when it has the signal's shape, else :math:`A^\top y`.
+
+    Arguments:
+        observations: An :class:`~cleanprior.data.files.Observations` of ``N`` items.
+
+    Returns:
+        Signals, shape ``(N, *shape)``.
+    """
+    y = observations.y
+    if tuple(y.shape[1:]) == tuple(observations.shape) and not y.is_complex():
+        return y
+    return observations.operator.adjoint(y).real
+
+
+class Direct:
+    """A prior trained directly on (possibly corrupted) data, in rounds (a
+    :class:`~cleanprior.learning.rounds.Method`).
+
+    Arguments:
+        kind: One of :data:`BASELINES`.
+    """
+
+    start_label = ""
+
+    def __init__(self, kind: str) -> None:
+        if kind not in BASELINES:
+            raise ValueError(f"unknown baseline {kind!r}; known: {', '.join(BASELINES)}")
+        self.name = kind
+
+    def check(self, observations: Any, config: Any) -> None:
+        if self.name == "clean" and observations.x is None:
+            raise ValueError("the clean baseline trains on the clean images, and this observation file has no 'x'")
+        if self.name in ("ambient", "sure"):
+            self._plan(observations, config)
+
+    def settings(self) -> dict[str, Any]:
+        return {}
+
+    def start(self, context: Round) -> None:
+        return None
+
+    def _plan(self, observations: Any, config: Any) -> tuple[Tensor, TrainingLoss | None, Any, Any]:
+        """The training data, the loss (None: score matching), a network factory and the sampling wrapper."""
+        from cleanprior.runs.prior import default_network
+
+        def network(shape: tuple[int, ...], net: Any) -> Any:
+            return default_network(shape, net)
+
+        if self.name == "clean":
+            return observations.x, None, network, None
+        return as_if_clean(observations), None, network, None
+
+    def _train(self, context: Round, k: int) -> Any:
+        data, loss, network, _ = self._plan(context.data, context.config)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(torch.randint(2**62, (), generator=round_generator(context.config.seed, 8))))
+            model = network(context.shape, context.network).to(context.device)
+        total = dataclasses.replace(context.training, steps=context.training.steps * context.config.rounds,
+                                    progress=context.progress and distributed.is_main())
+        metadata = {"trained_on": context.description, "shape": list(context.shape),
+                    "network": dataclasses.asdict(context.network), "method": self.name}
+        return train(model, data.to(context.device), total, generator=round_generator(context.config.seed, 4),
+                     checkpoint=context.run / "train.pt", resume=True, metadata=metadata, loss=loss,
+                     until=k * context.training.steps)
+
+    def round(self, context: Round, k: int, prior: Any) -> tuple[Any, dict[str, Any]]:
+        result = self._train(context, k)
+        if distributed.is_main():
+            metadata = {"trained_on": context.description, "shape": list(context.shape),
+                        "network": dataclasses.asdict(context.network), "method": self.name, "round": k}
+            context.folder(k).mkdir(parents=True, exist_ok=True)
+            save_denoiser(context.folder(k) / "denoiser.pt", result.denoiser, metadata=metadata)
+            save_denoiser(context.run / "checkpoint.pt", result.denoiser, metadata=metadata)
+        distributed.barrier()
+        tail = result.losses[-50:]
+        return self._sampling(result.denoiser, context), {"loss": sum(tail) / max(1, len(tail))}
+
+    def _sampling(self, denoiser: Any, context: Round) -> Any:
+        wrap = self._plan(context.data, context.config)[3]
+        return denoiser if wrap is None else wrap(denoiser)
+
+    def restore(self, context: Round, k: int) -> Any:
+        return self._sampling(load_denoiser(context.folder(k) / "denoiser.pt", device=context.device), context)
+
+    def evaluate(self, context: Round, k: int, prior: Any) -> dict[str, Any]:
+        return {}
