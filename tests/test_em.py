@@ -139,3 +139,24 @@ def test_torchrun_with_two_processes_gives_the_single_process_e_step(tmp_path):
     two = load_checkpoint(tmp_path / "two/checkpoint.pt")["state_dict"]
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_run_folder_from_before_an_option_existed_still_resumes(tmp_path):
+    """Options added later count as their defaults in an older config.json; the E-step's method was
+    first recorded as ``method``. Another value of an old option is still refused."""
+    observations, _ = manifold_observations(256)
+    options = small(rounds=0)
+    options["config"].heldout = 16
+    fit_em(observations, tmp_path / "run", **options)
+    path = tmp_path / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    saved["em"]["method"] = saved["em"].pop("posterior")
+    for key in ("zetas", "tune_observations", "delta"):
+        saved["em"].pop(key)
+    saved.pop("options")
+    path.write_text(json.dumps(saved))
+    fit_em(observations, tmp_path / "run", resume=True, **options)
+    saved["em"]["method"] = "dps"
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="em configuration differs"):
+        fit_em(observations, tmp_path / "run", resume=True, **options)

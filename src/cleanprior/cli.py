@@ -4,7 +4,8 @@
 
     cleanprior corrupt CLEAN -o OBS.npz --operator mask --missing 0.75 --noise-std 0.01
     cleanprior train CLEAN -o RUN                      a prior on clean data (the upper bound)
-    cleanprior fit OBS.npz -o RUN [--rounds K --method mmps ...] [--resume]     DiEM (EM)
+    cleanprior fit OBS.npz -o RUN [--method diem|emdiffusion|flowdiff|ambient|sure|naive|clean]
+                   [--rounds K --posterior mmps ...] [--resume]   learn a prior from observations
     cleanprior sample RUN -n N -o SAMPLES.npz          prior samples under 'x'
     cleanprior reconstruct RUN OBS.npz -o POST.npz [--samples S]   posterior samples
     cleanprior evaluate RUN OBS.npz [--reference mnist5k]          the diagnostics and metrics
@@ -74,16 +75,21 @@ def build_parser() -> Any:
     train.add_argument("--resume", type=bool, default=False, help="continue an interrupted run in OUTPUT")
     commands.add_subcommand("train", train, help="train a prior on clean data")
 
-    fit = _subparser("Learn a clean prior from an observation file by DiEM expectation-maximization.")
+    fit = _subparser("Learn a clean prior from an observation file (DiEM, EMDiffusion, FlowDiff or a baseline).")
     fit.add_argument("observations", help="an observation file (.npz/.h5, see cleanprior.data.files)")
     fit.add_argument("-o", "--output", required=True, help="the run folder")
+    fit.add_argument("--method", default="diem",
+                     help="diem, emdiffusion, flowdiff, ambient, sure, naive or clean (a posterior method such as "
+                          "mmps means DiEM with that E-step)")
+    fit.add_argument("--init-clean", dest="init_clean", default="",
+                     help="emdiffusion: a .npz holding a few clean images under 'x' (or an embedded dataset's name)")
     fit.add_class_arguments(EMConfig)
     fit.add_class_arguments(NetworkConfig, "network")
     fit.add_class_arguments(TrainConfig, "training")
     fit.add_class_arguments(EvalConfig, "evaluation")
     fit.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: each rank its GPU)")
     fit.add_argument("--resume", type=bool, default=False, help="continue the run in OUTPUT from its last completed work")
-    commands.add_subcommand("fit", fit, help="learn a prior from observations (EM)")
+    commands.add_subcommand("fit", fit, help="learn a prior from observations (EM and the other methods)")
 
     sample = _subparser("Draw prior samples from a run into a .npz (under 'x'; a PNG grid beside it for images).")
     sample.add_argument("run", help="a run folder (train, fit or demo)")

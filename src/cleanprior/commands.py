@@ -83,6 +83,8 @@ def train(
 def fit(
     observations: str,
     output: str,
+    method: str = "diem",
+    init_clean: str = "",
     network: Any = None,
     training: Any = None,
     evaluation: Any = None,
@@ -90,25 +92,32 @@ def fit(
     resume: bool = False,
     **em: Any,
 ) -> None:
-    """Learn a prior from an observation file by DiEM (:func:`cleanprior.learning.em.fit_em`).
+    """Learn a prior from an observation file (:func:`cleanprior.learning.fit.fit`).
 
     Arguments:
         observations: The observation file.
         output: The run folder.
+        method: The learning method (:data:`cleanprior.learning.fit.LEARNING_METHODS`).
+        init_clean: EMDiffusion's clean images (a ``.npz`` with ``x`` or an embedded name).
         network: A :class:`~cleanprior.runs.prior.NetworkConfig`.
-        training: The M-step's :class:`~cleanprior.diffusion.training.TrainConfig`.
+        training: A round's :class:`~cleanprior.diffusion.training.TrainConfig`.
         evaluation: An :class:`~cleanprior.learning.em.EvalConfig`.
         device: Where to compute.
         resume: Continue the run in ``output``.
         em: The fields of :class:`~cleanprior.learning.em.EMConfig`.
     """
-    from cleanprior.data.files import load_observations
-    from cleanprior.learning.em import EMConfig, fit_em
+    from cleanprior.data.files import load_clean, load_observations
+    from cleanprior.learning.em import EMConfig
+    from cleanprior.learning.fit import fit as fit_prior
 
+    flow = em.pop("flow", None)
     data = load_observations(observations)
-    result = fit_em(data, output, network=network, config=EMConfig(**em), training=training, evaluation=evaluation,
-                    device=device, resume=resume, description=str(observations))
-    print(f"wrote {output} ({len(result.metrics) - 1} rounds); open {pathlib.Path(output) / 'report.html'}")
+    clean = load_clean(init_clean, "train") if init_clean else None
+    result = fit_prior(data, output, method=method, init_clean=clean, flow=flow, network=network, config=EMConfig(**em),
+                       training=training, evaluation=evaluation, device=device, resume=resume,
+                       description=str(observations))
+    print(f"wrote {output} ({result.metrics[-1]['round'] if result.metrics else 0} rounds); "
+          f"open {pathlib.Path(output) / 'report.html'}")
 
 
 def sample(

@@ -194,6 +194,18 @@ def run_rounds(
     if resume and (run / "config.json").exists():
         previous = json.loads((run / "config.json").read_text())
 
+        # a folder written before an option existed holds that option at its default; the E-step's
+        # method was first recorded as "method"
+        defaults = json.loads(json.dumps({"em": dataclasses.asdict(type(config)()), "options": {},
+                                          "training": dataclasses.asdict(type(training)()),
+                                          "network": dataclasses.asdict(type(network)())}, default=str))
+        legacy = dict(previous.get("em", {}))
+        if "method" in legacy and "posterior" not in legacy:
+            legacy["posterior"] = legacy.pop("method")
+        previous = dict(previous, em=legacy)
+        for key, default in defaults.items():
+            previous[key] = {**default, **previous[key]} if isinstance(previous.get(key), dict) else previous.get(key, default)
+
         def comparable(s: dict[str, Any]) -> dict[str, Any]:
             return dict(s, em={k: v for k, v in s.get("em", {}).items() if k != "rounds"}, evaluation=None, device=None)
 
