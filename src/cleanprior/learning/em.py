@@ -152,6 +152,8 @@ class EvalConfig:
         inception: Also the Inception FID of prior samples to ``reference`` (needs pytorch-fid
             and its weights on disk; without them a warning says how to get them, and the run
             goes on).
+        every: Measure every ``every``-th round only (and the start and the last round), for
+            long runs where the evaluation would cost more than the rounds.
     """
 
     method: str = "mmps"
@@ -163,6 +165,11 @@ class EvalConfig:
     frechet: str = ""
     evidence_observations: int = 16
     inception: bool = False
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"EvalConfig.every must be a positive integer, got {self.every!r}")
 
 
 @dataclasses.dataclass

@@ -236,10 +236,13 @@ def run_rounds(
     def finish(k: int, prior: Any, exact: bool, extra: dict[str, Any]) -> None:
         # rank 0 measures and writes; state.json is written last, so a round counts once it is there
         if distributed.is_main():
-            row = evaluate_round(prior, context.heldout, context.folder(k), evaluation, config, round_index=k,
-                                 exact=exact, seed=config.seed)
-            if not exact:
-                row.update(method.evaluate(context, k, prior))
+            if k == 0 or k == config.rounds or k % evaluation.every == 0:
+                row = evaluate_round(prior, context.heldout, context.folder(k), evaluation, config, round_index=k,
+                                     exact=exact, seed=config.seed)
+                if not exact:
+                    row.update(method.evaluate(context, k, prior))
+            else:
+                row = {"round": k}
             row.update(extra)
             metrics.append(row)
             write_report(run, metrics, description=description, start_label=label)
@@ -247,11 +250,12 @@ def run_rounds(
         distributed.barrier()
 
     metrics: list[dict[str, Any]] = list(state["metrics"])
+    began = time.perf_counter()
     started = method.start(context)
     start = None if started is None else started[0]
     if state["rounds"] < 0:
         if started is not None:
-            finish(0, started[0], started[1], {})
+            finish(0, started[0], started[1], {"start_seconds": time.perf_counter() - began})
         elif distributed.is_main():
             write_json(state_path, {"rounds": 0, "metrics": metrics})
         distributed.barrier()

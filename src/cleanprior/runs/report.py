@@ -147,6 +147,7 @@ METRIC_LABELS = {
     "estep_seconds": "E-step seconds",
     "mstep_seconds": "M-step seconds",
     "round_seconds": "seconds of the round's learning",
+    "start_seconds": "seconds of the method's start (round 0)",
     "eval_seconds": "evaluation seconds",
 }
 """What each recorded metric is, for the report's table and plots."""
