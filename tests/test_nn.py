@@ -343,7 +343,7 @@ def test_unet_config_round_trip(config: dict[str, Any], size: tuple[int, int]) -
 
 
 def test_build_network_from_name_and_config() -> None:
-    assert NETWORKS == {"MLP": MLP, "UNet": UNet}
+    assert NETWORKS == {"MLP": MLP, "MaskedMLP": MaskedMLP, "MaskedUNet": MaskedUNet, "UNet": UNet}
     net = UNet(channels=(8, 16), blocks=1, heads=2, emb_features=16)
     clone = build_network("UNet", **net.config)
     assert isinstance(clone, UNet)
@@ -352,5 +352,5 @@ def test_build_network_from_name_and_config() -> None:
 
 
 def test_build_network_rejects_unknown_name() -> None:
-    with pytest.raises(ValueError, match=r"'Transformer'.*MLP, UNet"):
+    with pytest.raises(ValueError, match=r"'Transformer'.*MLP, MaskedMLP, MaskedUNet, UNet"):
         build_network("Transformer")

@@ -60,6 +60,19 @@ def as_if_clean(observations: Any) -> Tensor:
     return observations.operator.adjoint(y).real
 
 
+def _masked_network(shape: tuple[int, ...], config: Any) -> Any:
+    """The configured network's mask-conditioned twin (it sees ``[M x, M]``), preconditioned."""
+    from cleanprior.diffusion.precondition import PreconditionedDenoiser
+    from cleanprior.nn.masked import MaskedMLP, MaskedUNet
+
+    if len(shape) == 1:
+        network: Any = MaskedMLP(shape[0], hidden=config.hidden, dropout=config.dropout)
+    else:
+        network = MaskedUNet(in_channels=shape[0], channels=config.channels, blocks=config.blocks,
+                             dropout=config.dropout)
+    return PreconditionedDenoiser(network, sigma_data=config.sigma_data)
+
+
 class Direct:
     """A prior trained directly on (possibly corrupted) data, in rounds (a
     :class:`~cleanprior.learning.rounds.Method`).
@@ -88,15 +101,44 @@ class Direct:
         return None
 
     def _plan(self, observations: Any, config: Any) -> tuple[Tensor, TrainingLoss | None, Any, Any]:
-        """The training data, the loss (None: score matching), a network factory and the sampling wrapper."""
+        """The training data, the loss (None: score matching), a network factory and the sampling wrapper.
+
+        Raises:
+            ValueError: If the method does not apply to the observations' operator or noise.
+        """
         from cleanprior.runs.prior import default_network
 
-        def network(shape: tuple[int, ...], net: Any) -> Any:
-            return default_network(shape, net)
-
         if self.name == "clean":
-            return observations.x, None, network, None
-        return as_if_clean(observations), None, network, None
+            return observations.x, None, default_network, None
+        if self.name == "naive":
+            return as_if_clean(observations), None, default_network, None
+        operator = observations.operator.name
+        noise_std = torch.as_tensor(observations.noise_std, dtype=torch.float64)
+        if self.name == "ambient" and operator == "mask":
+            from cleanprior.learning.ambient import AmbientLoss
+
+            masks = observations.operator.mask
+            masks = masks.expand(len(observations), *masks.shape[1:]) if masks.shape[0] == 1 else masks
+            loss = AmbientLoss((masks > 0).cpu(), delta=config.delta)
+            # sampled with every entry shown (the network's mask=None): it extrapolates to denser
+            # masks than it was trained on, and on the 5-D manifold with 40 % missing this gave a
+            # Sinkhorn of 0.17 against 0.29 with fresh masks hiding delta = 0.1 of the entries
+            # (AmbientDenoiser) and 0.65 with masks of the training density
+            return observations.y, loss, _masked_network, None
+        if operator != "identity":
+            what = "a mask or the identity" if self.name == "ambient" else "the identity (denoising)"
+            raise ValueError(f"{self.name} learns from {what}, not from the operator {operator!r}")
+        if not bool((noise_std == noise_std.flatten()[0]).all()) or not float(noise_std.flatten()[0]) > 0:
+            raise ValueError(f"{self.name} needs one positive noise level shared by all observations")
+        sigma_y = float(noise_std.flatten()[0])
+        if self.name == "ambient":
+            from cleanprior.learning.ambient import AmbientNoisyDenoiser, AmbientNoisyLoss
+
+            return (observations.y, AmbientNoisyLoss(sigma_y), default_network,
+                    lambda denoiser: AmbientNoisyDenoiser(denoiser, sigma_y))
+        from cleanprior.learning.sure import SUREDenoiser, SURELoss
+
+        return observations.y, SURELoss(sigma_y), default_network, lambda denoiser: SUREDenoiser(denoiser, sigma_y)
 
     def _train(self, context: Round, k: int) -> Any:
         data, loss, network, _ = self._plan(context.data, context.config)

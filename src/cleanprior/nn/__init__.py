@@ -13,12 +13,26 @@ from typing import Any
 from torch import nn
 
 from cleanprior.nn.embedding import SinusoidalEmbedding
+from cleanprior.nn.masked import MaskedMLP, MaskedUNet
 from cleanprior.nn.mlp import MLP
 from cleanprior.nn.unet import UNet
 
-__all__ = ["MLP", "NETWORKS", "SinusoidalEmbedding", "UNet", "build_network"]
+__all__ = [
+    "MLP",
+    "MaskedMLP",
+    "MaskedUNet",
+    "NETWORKS",
+    "SinusoidalEmbedding",
+    "UNet",
+    "build_network",
+]
 
-NETWORKS: dict[str, type[nn.Module]] = {"MLP": MLP, "UNet": UNet}
+NETWORKS: dict[str, type[nn.Module]] = {
+    "MLP": MLP,
+    "MaskedMLP": MaskedMLP,
+    "MaskedUNet": MaskedUNet,
+    "UNet": UNet,
+}
 
 
 def build_network(name: str, **config: Any) -> nn.Module:
