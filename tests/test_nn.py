@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from cleanprior.nn import MLP, NETWORKS, SinusoidalEmbedding, UNet, build_network
+from cleanprior.nn.masked import MaskedMLP, MaskedUNet
 from cleanprior.nn.unet import SelfAttention2d
 
 # Small U-Nets that still cover 3 levels, non-square sizes, channel changes, both forms of
