@@ -100,7 +100,7 @@ def test_the_commands_run_end_to_end_on_a_tiny_set(tmp_path):
     assert {"ppc", "psnr_mean", "ssim_mean"} <= set(metrics)
 
 
-@pytest.mark.parametrize("method", ["emdiffusion", "naive", "clean"])
+@pytest.mark.parametrize("method", ["emdiffusion", "flowdiff", "ambient", "naive", "clean"])
 def test_fit_takes_every_learning_method(tmp_path, method):
     obs, run = tmp_path / "obs.npz", tmp_path / "run"
     main(["corrupt", "digits", "-o", str(obs), "--operator", "mask", "--missing", "0.5", "--limit", "64"])
@@ -108,10 +108,12 @@ def test_fit_takes_every_learning_method(tmp_path, method):
     main(["fit", str(obs), "-o", str(run), "--method", method, "--init-clean", str(tmp_path / "few.npz"),
           "--rounds", "1", "--steps", "2", "--heldout", "8", "--zetas", "[0.3,1.0]", "--tune_observations", "4",
           "--network.channels", "[8,16]", "--network.blocks", "1", "--training.steps", "3", "--training.batch_size", "8",
-          "--training.progress", "false", "--evaluation.prior_samples", "4", "--evaluation.steps", "2"])
+          "--training.progress", "false", "--evaluation.prior_samples", "4", "--evaluation.steps", "2",
+          "--flow.hidden", "8", "--flow.layers", "1", "--flow.batch_size", "8"])
     config = json.loads((run / "config.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     assert config["method"] == method and metrics[-1]["round"] == 1
+    assert ("amortized_psnr" in metrics[-1]) == (method == "flowdiff")
     assert ("dps_zeta" in metrics[-1]) == (method == "emdiffusion")
     assert load_denoiser(run / "checkpoint.pt").metadata["method"] == method
 

@@ -150,3 +150,41 @@ def test_baselines_refuse_operators_they_cannot_learn_from(tmp_path, method):
     with pytest.raises(ValueError, match="not from the operator 'blur'"):
         fit(observations, tmp_path / "run", method=method, **options(heldout=8))
     assert not (tmp_path / "run").exists()
+
+
+def test_flowdiff_learns_a_prior_and_an_amortized_posterior(tmp_path):
+    """Two rounds of 300 joint steps on the masked manifold (measured: Sinkhorn 0.19 then 0.106,
+    naive 0.31; the flow's one-pass posterior mean has RMSE 0.171, MMPS with the learned prior
+    0.162): the second round improves on the first, the prior beats the naive one, the one-pass
+    posterior is nearly as good as posterior sampling, and the flow's loss decreases."""
+    from cleanprior.learning.flowdiff import FlowDiffConfig
+
+    observations = masked_manifold()
+    flow = FlowDiffConfig(batch_size=256, hidden=64, layers=4, ema_decay=0.95)
+    result = fit(observations, tmp_path / "run", method="flowdiff", flow=flow, **options(rounds=2, steps=300))
+    first, second = result.metrics
+    naive = fit(observations, tmp_path / "naive", method="naive", **options()).metrics[-1]
+    assert second["sinkhorn"] < 0.8 * first["sinkhorn"], (first["sinkhorn"], second["sinkhorn"])
+    assert second["sinkhorn"] < 0.6 * naive["sinkhorn"], (second["sinkhorn"], naive["sinkhorn"])
+    assert second["amortized_rmse"] < 1.3 * second["rmse_mean"]
+    losses = result.method.model.losses["flow"]
+    assert sum(losses[-50:]) < sum(losses[:50])
+    assert (tmp_path / "run" / "rounds" / "02" / "flowdiff.pt").exists()
+
+
+def test_flowdiff_resumed_round_by_round_equals_one_run(tmp_path):
+    """FlowDiff's draws at step s come from (seed, s) and its optimisers have no schedule: a run
+    grown from 1 to 2 rounds on resume ends with the weights of a 2-round run."""
+    from cleanprior.learning.flowdiff import FlowDiffConfig
+
+    observations = masked_manifold(256)
+    flow = FlowDiffConfig(batch_size=32, hidden=16, layers=2)
+    fit(observations, tmp_path / "once", method="flowdiff", flow=flow, **options(rounds=2, steps=10, heldout=16))
+    fit(observations, tmp_path / "twice", method="flowdiff", flow=flow, **options(rounds=1, steps=10, heldout=16))
+    fit(observations, tmp_path / "twice", method="flowdiff", flow=flow, resume=True,
+        **options(rounds=2, steps=10, heldout=16))
+    a = load_checkpoint(tmp_path / "once" / "flowdiff.pt", keys=("flow", "step"))
+    b = load_checkpoint(tmp_path / "twice" / "flowdiff.pt", keys=("flow", "step"))
+    assert a["step"] == b["step"] == 20
+    assert all(torch.equal(a["flow"][k], b["flow"][k]) for k in a["flow"])
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])

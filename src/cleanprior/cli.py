@@ -42,6 +42,7 @@ def build_parser() -> Any:
 
     from cleanprior.diffusion.training import TrainConfig
     from cleanprior.learning.em import EMConfig, EvalConfig
+    from cleanprior.learning.flowdiff import FlowDiffConfig
     from cleanprior.runs.prior import NetworkConfig, SampleConfig
 
     parser = ArgumentParser(prog="cleanprior", description="Clean diffusion priors from corrupted observations.")
@@ -87,6 +88,7 @@ def build_parser() -> Any:
     fit.add_class_arguments(NetworkConfig, "network")
     fit.add_class_arguments(TrainConfig, "training")
     fit.add_class_arguments(EvalConfig, "evaluation")
+    fit.add_class_arguments(FlowDiffConfig, "flow", skip={"steps", "seed"})
     fit.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: each rank its GPU)")
     fit.add_argument("--resume", type=bool, default=False, help="continue the run in OUTPUT from its last completed work")
     commands.add_subcommand("fit", fit, help="learn a prior from observations (EM and the other methods)")

@@ -88,6 +88,7 @@ def fit(
     network: Any = None,
     training: Any = None,
     evaluation: Any = None,
+    flow: Any = None,
     device: str = "cpu",
     resume: bool = False,
     **em: Any,
@@ -102,6 +103,7 @@ def fit(
         network: A :class:`~cleanprior.runs.prior.NetworkConfig`.
         training: A round's :class:`~cleanprior.diffusion.training.TrainConfig`.
         evaluation: An :class:`~cleanprior.learning.em.EvalConfig`.
+        flow: FlowDiff's :class:`~cleanprior.learning.flowdiff.FlowDiffConfig`.
         device: Where to compute.
         resume: Continue the run in ``output``.
         em: The fields of :class:`~cleanprior.learning.em.EMConfig`.
@@ -110,7 +112,6 @@ def fit(
     from cleanprior.learning.em import EMConfig
     from cleanprior.learning.fit import fit as fit_prior
 
-    flow = em.pop("flow", None)
     data = load_observations(observations)
     clean = load_clean(init_clean, "train") if init_clean else None
     result = fit_prior(data, output, method=method, init_clean=clean, flow=flow, network=network, config=EMConfig(**em),

@@ -142,6 +142,7 @@ METRIC_LABELS = {
     "sinkhorn": "Sinkhorn divergence of prior samples to clean data",
     "amortized_psnr": "PSNR of the flow's one-pass posterior mean (FlowDiff, dB)",
     "amortized_ssim": "SSIM of the flow's one-pass posterior mean (FlowDiff)",
+    "amortized_rmse": "RMSE of the flow's one-pass posterior mean (FlowDiff)",
     "dps_zeta": "DPS step size chosen this round (EMDiffusion)",
     "loss": "training loss (last 50 steps)",
     "estep_seconds": "E-step seconds",
