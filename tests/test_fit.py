@@ -139,6 +139,12 @@ def test_corruption_aware_baselines_beat_the_naive_prior(tmp_path, method, task,
     assert learned["sinkhorn"] < ratio * naive["sinkhorn"], (learned["sinkhorn"], naive["sinkhorn"])
     losses = load_checkpoint(tmp_path / method / "train.pt")["training"]["losses"]
     assert sum(losses[-50:]) < sum(losses[:50])
+    # a prior learned from noisy data is sampled through its wrapper wherever the run is loaded
+    from cleanprior.runs.prior import load_run_prior
+
+    loaded = load_run_prior(tmp_path / method)
+    expected = {"mask": "PreconditionedDenoiser", "noise": {"ambient": "AmbientNoisyDenoiser", "sure": "SUREDenoiser"}}
+    assert type(loaded).__name__ == (expected["mask"] if task == "mask" else expected["noise"][method])
 
 
 @pytest.mark.parametrize("method", ["ambient", "sure"])

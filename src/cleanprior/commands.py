@@ -160,10 +160,10 @@ def reconstruct(
     """
     from cleanprior.data.files import load_observations
     from cleanprior.learning.em import EMConfig, posterior_batches
-    from cleanprior.runs.checkpoint import load_denoiser
+    from cleanprior.runs.prior import load_run_prior
 
     data = load_observations(observations, device=device)
-    denoiser = load_denoiser(pathlib.Path(run) / "checkpoint.pt", device=device)
+    denoiser = load_run_prior(run, device=device)
     config = EMConfig(posterior=method, steps=steps, sampler=sampler, solver=solver, iterations=iterations,
                       batch_size=batch_size, samples=samples, seed=seed)
     x = posterior_batches(denoiser, data, config=config, samples=samples, seed_keys=(7,), progress=True,
@@ -187,13 +187,13 @@ def evaluate(
     from cleanprior.data.files import load_observations
     from cleanprior.learning.em import EMConfig, EvalConfig
     from cleanprior.learning.evaluation import evaluate_round
-    from cleanprior.runs.checkpoint import load_denoiser
     from cleanprior.runs.atomic import write_json
+    from cleanprior.runs.prior import load_run_prior
 
     data = load_observations(observations, device=device)
     if limit:
         data = data.subset(torch.arange(min(limit, len(data))))
-    denoiser = load_denoiser(pathlib.Path(run) / "checkpoint.pt", device=device)
+    denoiser = load_run_prior(run, device=device)
     folder = pathlib.Path(output) if output else pathlib.Path(run) / "evaluation"
     metrics = evaluate_round(denoiser, data, folder, evaluation or EvalConfig(),
                              EMConfig(steps=steps, seed=seed), round_index=-1, exact=False, seed=seed)

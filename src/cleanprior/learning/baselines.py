@@ -39,7 +39,7 @@ from cleanprior.diffusion.training import TrainingLoss, train
 from cleanprior.learning.rounds import Round, round_generator
 from cleanprior.runs.checkpoint import load_denoiser, save_denoiser
 
-__all__ = ["BASELINES", "Direct", "as_if_clean"]
+__all__ = ["BASELINES", "Direct", "as_if_clean", "sampling_wrapper"]
 
 BASELINES = ("clean", "naive", "ambient", "sure")
 """The methods of :class:`Direct`."""
@@ -58,6 +58,31 @@ def as_if_clean(observations: Any) -> Tensor:
     if tuple(y.shape[1:]) == tuple(observations.shape) and not y.is_complex():
         return y
     return observations.operator.adjoint(y).real
+
+
+def sampling_wrapper(denoiser: Any, wrapper: dict[str, Any]) -> Any:
+    """Wrap a denoiser learned from noisy data as its method samples it.
+
+    Arguments:
+        denoiser: The trained denoiser.
+        wrapper: ``{"kind": "sure" | "ambient_noisy", "noise_std": sigma_y}``, as the run
+            recorded it in its checkpoint's metadata (``sampling_wrapper``).
+
+    Returns:
+        The wrapped denoiser.
+
+    Raises:
+        ValueError: For an unknown kind.
+    """
+    if wrapper.get("kind") == "sure":
+        from cleanprior.learning.sure import SUREDenoiser
+
+        return SUREDenoiser(denoiser, wrapper["noise_std"])
+    if wrapper.get("kind") == "ambient_noisy":
+        from cleanprior.learning.ambient import AmbientNoisyDenoiser
+
+        return AmbientNoisyDenoiser(denoiser, wrapper["noise_std"])
+    raise ValueError(f"unknown sampling wrapper {wrapper!r}")
 
 
 def _masked_network(shape: tuple[int, ...], config: Any) -> Any:
@@ -101,7 +126,8 @@ class Direct:
         return None
 
     def _plan(self, observations: Any, config: Any) -> tuple[Tensor, TrainingLoss | None, Any, Any]:
-        """The training data, the loss (None: score matching), a network factory and the sampling wrapper.
+        """The training data, the loss (None: score matching), a network factory and the sampling
+        wrapper's description (None: the denoiser samples as it is; see :func:`sampling_wrapper`).
 
         Raises:
             ValueError: If the method does not apply to the observations' operator or noise.
@@ -131,14 +157,16 @@ class Direct:
         if not bool((noise_std == noise_std.flatten()[0]).all()) or not float(noise_std.flatten()[0]) > 0:
             raise ValueError(f"{self.name} needs one positive noise level shared by all observations")
         sigma_y = float(noise_std.flatten()[0])
+        kind = "ambient_noisy" if self.name == "ambient" else "sure"
         if self.name == "ambient":
-            from cleanprior.learning.ambient import AmbientNoisyDenoiser, AmbientNoisyLoss
+            from cleanprior.learning.ambient import AmbientNoisyLoss
 
-            return (observations.y, AmbientNoisyLoss(sigma_y), default_network,
-                    lambda denoiser: AmbientNoisyDenoiser(denoiser, sigma_y))
-        from cleanprior.learning.sure import SUREDenoiser, SURELoss
+            loss: TrainingLoss = AmbientNoisyLoss(sigma_y)
+        else:
+            from cleanprior.learning.sure import SURELoss
 
-        return observations.y, SURELoss(sigma_y), default_network, lambda denoiser: SUREDenoiser(denoiser, sigma_y)
+            loss = SURELoss(sigma_y)
+        return observations.y, loss, default_network, {"kind": kind, "noise_std": sigma_y}
 
     def _train(self, context: Round, k: int) -> Any:
         data, loss, network, _ = self._plan(context.data, context.config)
@@ -157,7 +185,8 @@ class Direct:
         result = self._train(context, k)
         if distributed.is_main():
             metadata = {"trained_on": context.description, "shape": list(context.shape),
-                        "network": dataclasses.asdict(context.network), "method": self.name, "round": k}
+                        "network": dataclasses.asdict(context.network), "method": self.name, "round": k,
+                        "sampling_wrapper": self._plan(context.data, context.config)[3]}
             context.folder(k).mkdir(parents=True, exist_ok=True)
             save_denoiser(context.folder(k) / "denoiser.pt", result.denoiser, metadata=metadata)
             save_denoiser(context.run / "checkpoint.pt", result.denoiser, metadata=metadata)
@@ -166,8 +195,8 @@ class Direct:
         return self._sampling(result.denoiser, context), {"loss": sum(tail) / max(1, len(tail))}
 
     def _sampling(self, denoiser: Any, context: Round) -> Any:
-        wrap = self._plan(context.data, context.config)[3]
-        return denoiser if wrap is None else wrap(denoiser)
+        wrapper = self._plan(context.data, context.config)[3]
+        return denoiser if wrapper is None else sampling_wrapper(denoiser, wrapper)
 
     def restore(self, context: Round, k: int) -> Any:
         return self._sampling(load_denoiser(context.folder(k) / "denoiser.pt", device=context.device), context)

@@ -185,6 +185,29 @@ def train_prior(
     return result.denoiser
 
 
+def load_run_prior(run: str | os.PathLike[str], device: str = "cpu") -> Any:
+    """The prior of a run folder, ready for every sampler.
+
+    Reads ``RUN/checkpoint.pt``; a prior learned from noisy data (SURE, AmbientDiffusion's noisy
+    form) records there the wrapper that makes it a denoiser at every level (below the data's
+    noise level it was never trained), and it is applied.
+
+    Arguments:
+        run: A run folder of ``train``, ``fit`` or ``demo``.
+        device: Where to load it.
+
+    Returns:
+        A denoiser ``D(x_t, sigma)``.
+    """
+    denoiser = load_denoiser(pathlib.Path(run) / "checkpoint.pt", device=device)
+    wrapper = denoiser.metadata.get("sampling_wrapper")
+    if wrapper:
+        from cleanprior.learning.baselines import sampling_wrapper
+
+        return sampling_wrapper(denoiser, wrapper)
+    return denoiser
+
+
 def sample_run(
     run: str | os.PathLike[str],
     sampling: SampleConfig | None = None,
@@ -212,7 +235,7 @@ def sample_run(
 
     sampling = sampling or SampleConfig()
     run = pathlib.Path(run)
-    denoiser = load_denoiser(run / "checkpoint.pt", device=device)
+    denoiser = load_run_prior(run, device=device)
     shape = tuple(load_checkpoint(run / "checkpoint.pt")["metadata"]["shape"])
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
     x = sample_prior(
