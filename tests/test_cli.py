@@ -53,7 +53,7 @@ def test_help_lists_the_commands(capsys):
         main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    commands = ("corrupt", "train", "fit", "sample", "reconstruct", "evaluate", "demo")
+    commands = ("corrupt", "train", "fit", "sample", "reconstruct", "evaluate", "demo", "recon", "apply")
     assert all(command in out for command in commands)
     for command in commands:  # every command has help text for every option
         with pytest.raises(SystemExit):
@@ -149,3 +149,25 @@ def test_a_bad_observation_file_leaves_an_existing_run_untouched(tmp_path):
     with pytest.raises((FileNotFoundError, ObservationFileError), match="missing.npz"):
         main(["fit", str(tmp_path / "missing.npz"), "-o", str(run), "--resume", "true"])
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()} == digest
+
+
+def test_recon_and_apply_run_end_to_end(tmp_path):
+    """A SUD^2 network from 5 pairs, unpaired observations and a prior run, and a SURE denoiser from
+    noisy images only; apply writes one reconstruction per observation under x."""
+    obs, pairs = tmp_path / "obs.npz", tmp_path / "pairs.npz"
+    main(["corrupt", "digits", "-o", str(obs), "--operator", "identity", "--noise-std", "0.2", "--limit", "48"])
+    main(["corrupt", "digits", "-o", str(pairs), "--operator", "identity", "--noise-std", "0.2", "--split", "test",
+          "--limit", "5"])
+    main(["train", "digits", "-o", str(tmp_path / "prior"), "--training.steps", "2", "--training.batch_size", "8",
+          "--training.progress", "false", "--network.channels", "[8,16]", "--network.blocks", "1", "--sampling.n", "2",
+          "--sampling.steps", "2"])
+    small = ["--options.channels", "[8,16]", "--options.heldout", "8"]
+    main(["recon", str(obs), "-o", str(tmp_path / "sud2"), "--method", "sud2", "--pairs", str(pairs), "--prior",
+          str(tmp_path / "prior"), *small, "--options.sud.steps", "3", "--options.sud.sud2_steps", "2"])
+    main(["recon", str(obs), "-o", str(tmp_path / "sure"), "--method", "sure", *small, "--options.sure.steps", "3"])
+    for run in ("sud2", "sure"):
+        config = json.loads((tmp_path / run / "config.json").read_text())
+        assert config["command"] == "recon" and config["config"]["method"] == run
+        main(["apply", str(tmp_path / run), str(obs), "-o", str(tmp_path / f"{run}.npz")])
+        with np.load(tmp_path / f"{run}.npz") as out:
+            assert out["x"].shape == (48, 1, 8, 8) and np.isfinite(out["x"]).all()

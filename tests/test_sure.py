@@ -200,3 +200,121 @@ def test_bad_inputs_are_refused():
     denoiser = PreconditionedDenoiser(MLP(4, hidden=(8,)))
     with pytest.raises(ValueError, match=r"index must lie in \[0, 5\)"):
         loss(denoiser, y, torch.ones(3), torch.zeros(3, 4), torch.tensor([0, 1, 5]), None)
+
+
+def test_sure_trained_denoiser_reaches_the_wiener_filter():
+    """Noisy samples of a 4-D Gaussian N(0, Sigma) only (sigma = 0.4) and a linear F: SURE's
+    minimiser is the Wiener filter W = Sigma (Sigma + sigma^2 I)^-1, whose error per entry is
+    sigma^2 tr(W) / d = 0.53 sigma^2 here, against sigma^2 for the noisy input. After 300 steps
+    the held-out error is within 2% of the filter's on the same samples (measured 0.3% to 0.5%
+    over 4 covariances and seeds)."""
+    from cleanprior.learning.sure import SUREConfig, train_sure_denoiser
+
+    d, sigma = 4, 0.4
+    cov, chol = gaussian(d, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(4096, d, generator=g) @ chol.T + sigma * torch.randn(4096, d, generator=g)
+    torch.manual_seed(0)
+    net = nn.Linear(d, d)
+    config = SUREConfig(steps=300, batch_size=256, lr=0.03, clip=0)
+    result = train_sure_denoiser(
+        net, y, sigma, config, generator=torch.Generator().manual_seed(0), progress=False
+    )
+    assert result.network is net and not net.training and len(result.losses) == 300
+    x = torch.randn(50_000, d, generator=g) @ chol.T
+    y_test = x + sigma * torch.randn(50_000, d, generator=g)
+    wiener = torch.linalg.solve(cov + sigma**2 * torch.eye(d), cov)  # symmetric: W = W^T
+    with torch.no_grad():
+        error = (net(y_test) - x).pow(2).mean()
+    best = (y_test @ wiener - x).pow(2).mean()
+    assert best < 0.6 * sigma**2
+    assert error < 1.02 * best
+
+
+def test_sure_training_resume_continues_exactly(tmp_path):
+    """Stopped at a checkpoint and resumed (per-image noise levels, two probes), the run ends
+    with the losses and weights of an uninterrupted one; other options or levels are refused."""
+    from cleanprior.learning.sure import SUREConfig, train_sure_denoiser
+    from cleanprior.runs.checkpoint import load_checkpoint
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(64, 3, generator=g)
+    levels = 0.1 + torch.rand(64, generator=g)
+    config = SUREConfig(steps=10, batch_size=8, lr=0.01, probes=2, checkpoint_every=4)
+
+    def fresh(seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return nn.Linear(3, 3)
+
+    full = train_sure_denoiser(
+        fresh(0), y, levels, config, generator=torch.Generator().manual_seed(0), progress=False
+    )
+
+    class Stop(Exception):
+        pass
+
+    def kill_at_6(step: int, loss: float) -> None:
+        if step == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_sure_denoiser(
+            fresh(0),
+            y,
+            levels,
+            config,
+            generator=torch.Generator().manual_seed(0),
+            checkpoint=tmp_path / "run.pt",
+            callback=kill_at_6,
+            progress=False,
+        )
+    assert load_checkpoint(tmp_path / "run.pt", keys=("training",))["training"]["step"] == 4
+    resumed = train_sure_denoiser(
+        fresh(5),
+        y,
+        levels,
+        config,
+        generator=torch.Generator().manual_seed(3),
+        checkpoint=tmp_path / "run.pt",
+        resume=True,
+        progress=False,
+    )
+    assert resumed.losses == full.losses
+    for a, b in zip(
+        resumed.network.state_dict().values(), full.network.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="other options"):
+        train_sure_denoiser(
+            fresh(0),
+            y,
+            levels,
+            SUREConfig(steps=10, batch_size=4),
+            checkpoint=tmp_path / "run.pt",
+            resume=True,
+            progress=False,
+        )
+    with pytest.raises(ValueError, match="another noise_std"):
+        train_sure_denoiser(
+            fresh(0), y, 0.3, config, checkpoint=tmp_path / "run.pt", resume=True, progress=False
+        )
+
+
+def test_train_sure_denoiser_refuses_bad_input():
+    from cleanprior.learning.sure import SUREConfig, train_sure_denoiser
+
+    net = nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="NaN"):
+        train_sure_denoiser(net, torch.full((4, 2), float("nan")), 0.1, progress=False)
+    with pytest.raises(ValueError, match="noise_std must be positive"):
+        train_sure_denoiser(net, torch.zeros(4, 2), 0.0, progress=False)
+    with pytest.raises(ValueError, match=r"one value per image \(4,\)"):
+        train_sure_denoiser(net, torch.zeros(4, 2), torch.ones(3), progress=False)
+    with pytest.raises(ValueError, match="no parameters"):
+        train_sure_denoiser(nn.Identity(), torch.zeros(4, 2), 0.1, progress=False)
+    with pytest.raises(ValueError, match="maps an image"):
+        train_sure_denoiser(nn.Linear(2, 3), torch.zeros(4, 2), 0.1, progress=False)
+    with pytest.raises(ValueError, match="probes"):
+        SUREConfig(probes=0)
+    with pytest.raises(ValueError, match="epsilon"):
+        SUREConfig(epsilon=0.0)

@@ -10,6 +10,9 @@
     cleanprior reconstruct RUN OBS.npz -o POST.npz [--samples S]   posterior samples
     cleanprior evaluate RUN OBS.npz [--reference mnist5k]          the diagnostics and metrics
     cleanprior demo [-o demo-run]                      the main job (what `make demo` runs)
+    cleanprior recon OBS.npz -o RUN --method {supervised,sud,sud2,noise2score,sure} [--pairs PAIRS.npz]
+                     [--prior PRIOR_RUN] [--noise gaussian|poisson|gamma --noise-std S]
+    cleanprior apply RUN OBS.npz -o OUT.npz            reconstructions under 'x', one forward pass
 
 Every option has help text (``cleanprior COMMAND --help``) and can come from a config file
 (``--config FILE.yaml``, e.g. one written by ``--print_config``) or a flag; nested options are
@@ -138,6 +141,38 @@ def build_parser() -> Any:
     demo.add_argument("--rounds", type=int, default=0, help="EM rounds (0: the demo's default)")
     demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     commands.add_subcommand("demo", demo, help="the main job (what `make demo` runs)")
+
+    from cleanprior.learning.recon import METHODS as RECON_METHODS
+    from cleanprior.learning.recon import ReconConfig
+
+    recon = _subparser("Train a reconstruction network y -> x with few or no clean pairs (SUD, SUD^2, Noise2Score, SURE).")
+    recon.add_argument("observations", help="an observation file, or a .npz holding 'y' (and optionally 'x' for metrics)")
+    recon.add_argument("-o", "--output", required=True, help="the run folder")
+    recon.add_argument("--method", default="sud2", choices=RECON_METHODS,
+                       help="supervised (pairs only), sud, sud2 (pairs + observations + a prior), noise2score or sure "
+                            "(observations only)")
+    recon.add_argument("--pairs", default="", help="a .npz with a few clean images 'x' and their observations 'y'")
+    recon.add_argument("--prior", default="",
+                       help="sud/sud2: a prior's run folder (cleanprior train, or cleanprior fit on the observations "
+                            "themselves: then no clean image is needed anywhere)")
+    recon.add_argument("--noise", default="gaussian", choices=("gaussian", "poisson", "gamma"),
+                       help="noise2score: the noise model")
+    recon.add_argument("--noise-std", dest="noise_std", type=float, default=0.0,
+                       help="the Gaussian noise level (0: the file's)")
+    recon.add_argument("--gain", type=float, default=0.0, help="noise2score, Poisson: the gain (y = gain * Poisson(x / gain))")
+    recon.add_argument("--shape", type=float, default=0.0, help="noise2score, Gamma: the shape (y = x * Gamma(shape, rate))")
+    recon.add_class_arguments(ReconConfig, "options", skip={"method", "noise", "noise_std", "gain", "shape"})
+    recon.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    recon.add_argument("--resume", type=bool, default=False, help="continue the run in OUTPUT")
+    commands.add_subcommand("recon", recon, help="train a reconstruction network")
+
+    apply = _subparser("Reconstruct every observation of a file with a recon run's network, in one forward pass per batch.")
+    apply.add_argument("run", help="a run folder of cleanprior recon")
+    apply.add_argument("observations", help="an observation file or a .npz holding 'y'")
+    apply.add_argument("-o", "--output", required=True, help="the .npz to write, reconstructions under 'x'")
+    apply.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="observations per forward pass")
+    apply.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    commands.add_subcommand("apply", apply, help="apply a reconstruction network")
     return parser
 
 

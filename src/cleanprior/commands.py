@@ -251,3 +251,28 @@ def demo(output: str = "demo-run", rounds: int = 0, device: str = "cpu") -> None
         print(f"{'Gaussian start' if row['round'] == 0 else 'round ' + str(row['round'])}: {shown}")
     print(f"open {run / 'report.html'}")
 
+
+
+def recon(observations: str, output: str, options: Any = None, **arguments: Any) -> None:
+    """Train a reconstruction network (:func:`cleanprior.learning.recon.recon_command`).
+
+    Arguments:
+        observations: The observation file.
+        output: The run folder.
+        options: The other :class:`~cleanprior.learning.recon.ReconConfig` fields.
+        arguments: ``method``, ``pairs``, ``prior``, ``noise``, ``noise_std``, ``gain``, ``shape``,
+            ``device``, ``resume``.
+    """
+    from cleanprior.learning.recon import recon_command
+
+    result = recon_command(observations, output, config=options, **arguments)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float))
+    print(f"wrote {output}: {shown}; open {pathlib.Path(output) / 'report.html'}")
+
+
+def apply(run: str, observations: str, output: str, batch_size: int = 256, device: str = "cpu") -> None:
+    """Reconstruct every observation of a file (:func:`cleanprior.learning.recon.apply_command`)."""
+    from cleanprior.learning.recon import apply_command
+
+    apply_command(run, observations, output, batch_size=batch_size, device=device)
+    print(f"wrote {output}")

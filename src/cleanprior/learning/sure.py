@@ -41,8 +41,12 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import pathlib
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +54,15 @@ from torch import Tensor, nn
 from cleanprior.diffusion.denoiser import Denoiser, batch_sigma, expand_sigma
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 
-__all__ = ["SUREDenoiser", "SURELoss", "divergence", "sure"]
+__all__ = [
+    "SUREConfig",
+    "SUREDenoiser",
+    "SURELoss",
+    "SUREResult",
+    "divergence",
+    "sure",
+    "train_sure_denoiser",
+]
 
 # The default finite-difference step relative to the largest magnitude of each sample (Metzler
 # et al. 2018): small against the data's variations, large against float32 rounding of F.
@@ -330,3 +342,262 @@ class SUREDenoiser(nn.Module):
             The estimate, shape ``(B, *shape)``.
         """
         return self.denoiser(x_t, batch_sigma(sigma, x_t).clamp_min(self.noise_std))
+
+
+@dataclasses.dataclass
+class SUREConfig:
+    r"""Options of :func:`train_sure_denoiser`.
+
+    Attributes:
+        steps: Optimiser steps.
+        batch_size: Noisy samples per step (drawn with replacement).
+        lr: AdamW's peak learning rate.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (decay to 0).
+        weight_decay: AdamW's decoupled weight decay.
+        clip: Maximum gradient norm (``0`` disables clipping).
+        probes: The probes of the Monte-Carlo divergence (each costs one more forward pass).
+        epsilon: The divergence's finite-difference step; ``None`` for the data-scaled default
+            of :func:`divergence`.
+        checkpoint_every: Steps between checkpoints (when a checkpoint path is given).
+    """
+
+    steps: int = 5000
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_schedule: str = "cosine"
+    weight_decay: float = 0.0
+    clip: float = 1.0
+    probes: int = 1
+    epsilon: float | None = None
+    checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "probes", "checkpoint_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"SUREConfig.{name} must be a positive integer, got {value!r}")
+        if not self.lr > 0:
+            raise ValueError(f"SUREConfig.lr must be positive, got {self.lr}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(
+                f"SUREConfig.lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}"
+            )
+        if self.weight_decay < 0 or self.clip < 0:
+            raise ValueError("SUREConfig.weight_decay and SUREConfig.clip must be non-negative")
+        if self.epsilon is not None and not self.epsilon > 0:
+            raise ValueError(f"SUREConfig.epsilon must be positive or None, got {self.epsilon}")
+
+    def lr_factor(self, step: int) -> float:
+        """The learning-rate multiplier at ``step`` (0-based)."""
+        if self.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * step / self.steps))
+        return 1.0
+
+
+@dataclasses.dataclass
+class SUREResult:
+    r"""What :func:`train_sure_denoiser` returns.
+
+    Attributes:
+        network: The trained denoiser :math:`F`, in eval mode.
+        losses: The minibatch's mean per-entry SURE at every step (resumed runs included): an
+            unbiased estimate of the denoiser's mean squared error per entry at that step.
+    """
+
+    network: nn.Module
+    losses: list[float]
+
+
+def train_sure_denoiser(
+    network: nn.Module,
+    y: Tensor,
+    noise_std: float | Tensor,
+    config: SUREConfig | None = None,
+    *,
+    generator: torch.Generator | None = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    callback: Callable[[int, float], None] | None = None,
+) -> SUREResult:
+    r"""Train a denoiser :math:`F` on noisy images only, by minimising SURE.
+
+    Each step draws a minibatch of :math:`y = x + \sigma n` and descends, with AdamW,
+
+    .. math::
+        \mathcal{L} = \frac{1}{B n} \sum_{i=1}^{B} \operatorname{SURE}(F, y_i)
+        = \frac{1}{B n} \sum_i \Big(\|y_i - F(y_i)\|^2 + 2 \sigma_i^2
+          \widehat{\operatorname{div}}_{y} F(y_i) - n \sigma_i^2\Big),
+
+    whose expectation is the mean squared error per entry :math:`E \|F(y) - x\|^2 / n` (the
+    Monte-Carlo divergence of :func:`divergence` is unbiased up to its finite difference), so
+    its minimiser over all maps is the posterior mean :math:`E[x \mid y]`, as if trained on
+    clean pairs. Unlike :class:`SURELoss`, :math:`F` is a single-level denoiser (no noise
+    conditioning): it denoises a batch in one forward pass. Each step costs
+    ``1 + config.probes`` forward passes.
+
+    Arguments:
+        network: :math:`F`, trained in place: any module mapping ``(B, *shape)`` to
+            ``(B, *shape)`` without noise conditioning, e.g. ``UNet(noise_conditioning=False)``.
+            Its device is the training device.
+        y: The noisy images, shape ``(N, *shape)``, kept on their device (minibatches move).
+        noise_std: :math:`\sigma`, a positive float or one value per image, shape ``(N,)``.
+        config: The options (the defaults of :class:`SUREConfig` when omitted).
+        generator: The source of minibatches and probes (a CPU generator; one is seeded from
+            torch's default generator when omitted).
+        checkpoint: A file written every ``config.checkpoint_every`` steps and at the end
+            (atomically), holding the network, what rebuilds it (``network``: class name and
+            ``config``) and what resumes training.
+        resume: Continue from ``checkpoint`` if it exists (same data and options expected).
+        progress: Show a progress bar with the SURE estimate.
+        callback: Called as ``callback(step, loss)`` after every step.
+
+    Returns:
+        The trained network and the loss history.
+
+    Raises:
+        ValueError: If ``y`` is empty, complex or not finite, ``noise_std`` is not positive or
+            does not fit ``y``, the network does not map an image to its shape, or the
+            checkpoint was written with other options or another noise level.
+
+    References:
+        Metzler, Mousavi, Heckel & Baraniuk (2018). Unsupervised Learning with Stein's Unbiased
+        Risk Estimator. https://arxiv.org/abs/1805.10531
+    """
+    from cleanprior.runs.checkpoint import load_checkpoint, save_checkpoint
+
+    config = config or SUREConfig()
+    if y.ndim < 2 or y.shape[0] == 0:
+        raise ValueError(f"y must have shape (N, *shape) with N > 0, got {tuple(y.shape)}")
+    if not y.is_floating_point():
+        raise ValueError(f"y must hold real floating-point values, got {y.dtype}")
+    if not torch.isfinite(y).all():
+        raise ValueError("the noisy images y contain NaN or infinite values")
+    sigma = torch.as_tensor(noise_std, dtype=torch.float64).detach().cpu()
+    if sigma.ndim > 1 or (sigma.ndim == 1 and sigma.shape[0] != y.shape[0]):
+        raise ValueError(
+            f"noise_std must be a float or one value per image ({y.shape[0]},), got shape {tuple(sigma.shape)}"
+        )
+    if not (torch.isfinite(sigma).all() and (sigma > 0).all()):
+        raise ValueError("noise_std must be positive and finite")
+    recorded = sigma.tolist()
+    if generator is None:
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
+    if generator.device.type != "cpu":
+        raise ValueError("train_sure_denoiser takes a CPU generator (it draws minibatch indices)")
+    parameters = list(network.parameters())
+    if not parameters:
+        raise ValueError(f"the denoiser ({type(network).__name__}) has no parameters to train")
+    device = parameters[0].device
+    with torch.no_grad():
+        network.eval()
+        probe = network(y[:1].to(device))
+    if probe.shape != y[:1].shape:
+        raise ValueError(
+            f"the denoiser maps an image of shape {tuple(y.shape[1:])} to {tuple(probe.shape[1:])}"
+        )
+
+    optimizer = torch.optim.AdamW(
+        network.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    )
+    losses: list[float] = []
+    start = 0
+    path = pathlib.Path(checkpoint) if checkpoint is not None else None
+    if resume and path is not None and path.exists():
+        state = load_checkpoint(
+            path, map_location=device, keys=("kind", "state_dict", "metadata", "training")
+        )
+        if state["kind"] != "sure":
+            raise ValueError(f"{path} is a {state['kind']!r} checkpoint, not a SURE denoiser's")
+        saved = state["metadata"]["config"]
+        current = dataclasses.asdict(config)
+        differ = sorted(
+            k for k in current if k != "checkpoint_every" and saved.get(k) != current[k]
+        )
+        if differ:
+            raise ValueError(
+                f"{path} was written with other options ({', '.join(differ)}); resume with the same options"
+            )
+        if state["metadata"]["noise_std"] != recorded:
+            raise ValueError(f"{path} was trained at another noise_std; resume with the same data")
+        network.load_state_dict(state["state_dict"])
+        optimizer.load_state_dict(state["training"]["optimizer"])
+        generator.set_state(state["training"]["generator"])
+        losses = list(state["training"]["losses"])
+        start = int(state["training"]["step"])
+
+    def save(step: int) -> None:
+        if path is None:
+            return
+        save_checkpoint(
+            path,
+            {
+                "kind": "sure",
+                "network": {
+                    "name": type(network).__name__,
+                    "config": getattr(network, "config", None),
+                },
+                "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
+                "metadata": {
+                    "config": dataclasses.asdict(config),
+                    "noise_std": recorded,
+                    "step": step,
+                },
+                "training": {
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "losses": losses,
+                    "step": step,
+                },
+            },
+        )
+
+    steps: Any = range(start, config.steps)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(
+            steps, desc="sure", unit="step", initial=start, total=config.steps, dynamic_ncols=True
+        )
+        steps = bar
+    network.train()
+    for step in steps:
+        for group in optimizer.param_groups:
+            group["lr"] = config.lr * config.lr_factor(step)
+        index = torch.randint(y.shape[0], (config.batch_size,), generator=generator)
+        # the probes are drawn on the training device, from a generator seeded by the CPU one,
+        # so that a resumed run draws the same probes
+        probes = torch.Generator(device=device)
+        probes.manual_seed(int(torch.randint(2**62, (), generator=generator)))
+        level = sigma[index] if sigma.ndim else float(sigma)
+        risk = sure(
+            network,
+            y[index].to(device),
+            level.to(device) if isinstance(level, Tensor) else level,
+            probes,
+            epsilon=config.epsilon,
+            probes=config.probes,
+            per_entry=True,
+        )
+        loss = risk.mean()
+        if not torch.isfinite(loss):
+            save(step)
+            raise FloatingPointError(
+                f"the SURE loss became non-finite at step {step}; the last good state is saved"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.clip > 0:
+            nn.utils.clip_grad_norm_(network.parameters(), config.clip)
+        optimizer.step()
+        losses.append(loss.item())
+        if bar is not None and step % 10 == 0:
+            bar.set_postfix(mse=f"{sum(losses[-50:]) / len(losses[-50:]):.4g}")
+        if callback is not None:
+            callback(step, losses[-1])
+        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
+            save(step + 1)
+    network.eval()
+    save(config.steps)
+    return SUREResult(network, losses)
