@@ -154,7 +154,7 @@ def build_parser() -> Any:
     recon.add_argument("--pairs", default="", help="a .npz with a few clean images 'x' and their observations 'y'")
     recon.add_argument("--prior", default="",
                        help="sud/sud2: a prior's run folder (cleanprior train, or cleanprior fit on the observations "
-                            "themselves: then no clean image is needed anywhere)")
+                            "themselves: then the few pairs are the only clean images)")
     recon.add_argument("--noise", default="gaussian", choices=("gaussian", "poisson", "gamma"),
                        help="noise2score: the noise model")
     recon.add_argument("--noise-std", dest="noise_std", type=float, default=0.0,
