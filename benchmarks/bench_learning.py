@@ -36,7 +36,6 @@ import time
 from collections.abc import Sequence
 
 import torch
-
 from bench_core import machine_lines
 from bench_em import mean_spread
 

@@ -48,10 +48,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
-
 from bench_core import machine_lines
 from bench_em import mean_spread
+from torch import Tensor
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "RESULTS_RECON.md"
 FACES_NOISE_STD = 0.01

@@ -3,7 +3,14 @@ import math
 import pytest
 import torch
 
-from cleanprior import GaussianMixture, PreconditionedDenoiser, TrainConfig, load_denoiser, sample_prior, train
+from cleanprior import (
+    GaussianMixture,
+    PreconditionedDenoiser,
+    TrainConfig,
+    load_denoiser,
+    sample_prior,
+    train,
+)
 from cleanprior.diffusion.training import dsm_loss, sample_sigma
 from cleanprior.metrics import sliced_wasserstein
 from cleanprior.nn import MLP

@@ -22,7 +22,6 @@ configuration into it (``config.json``).
 
 from __future__ import annotations
 
-import pathlib
 import sys
 from typing import Any
 

@@ -38,7 +38,7 @@ from cleanprior.diffusion.denoiser import expand_sigma
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN, ExponentialSchedule
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingLoss", "dsm_loss", "sample_sigma", "train"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingLoss", "dsm_loss", "ema_update", "sample_sigma", "train"]
 
 
 @dataclasses.dataclass
@@ -216,7 +216,15 @@ class TrainResult:
     losses: list[float]
 
 
-def _ema_update(ema: PreconditionedDenoiser, model: PreconditionedDenoiser, decay: float) -> None:
+def ema_update(ema: PreconditionedDenoiser, model: PreconditionedDenoiser, decay: float) -> None:
+    r"""Move the EMA weights towards the model's, :math:`\bar\theta \leftarrow \beta \bar\theta + (1 - \beta)\theta`,
+    and copy its buffers.
+
+    Arguments:
+        ema: The moving average, updated in place.
+        model: The trained model.
+        decay: :math:`\beta`, in [0, 1).
+    """
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters()):
             e.lerp_(p, 1 - decay)
@@ -374,7 +382,7 @@ def train(
         if config.clip > 0:
             torch.nn.utils.clip_grad_norm_(denoiser.parameters(), config.clip)
         optimizer.step()
-        _ema_update(ema, denoiser, config.ema_decay)
+        ema_update(ema, denoiser, config.ema_decay)
         losses.append(value.item())
         if bar is not None and step % 10 == 0:
             bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")

@@ -54,7 +54,12 @@ from cleanprior import distributed
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 from cleanprior.diffusion.training import TrainConfig, train
 from cleanprior.learning.rounds import Round, round_generator, run_rounds
-from cleanprior.runs.checkpoint import load_checkpoint, load_denoiser, save_checkpoint, save_denoiser
+from cleanprior.runs.checkpoint import (
+    load_checkpoint,
+    load_denoiser,
+    save_checkpoint,
+    save_denoiser,
+)
 
 __all__ = ["EMConfig", "EMResult", "EvalConfig", "fit_em", "posterior_batches"]
 
@@ -187,9 +192,6 @@ class EMResult:
     metrics: list[dict[str, Any]]
 
 
-_generator = round_generator
-
-
 def _save_gaussian(path: pathlib.Path, gaussian: Any, description: str) -> None:
     names = ("mean", "covariance") if not gaussian.low_rank else ("mean", "factor", "diagonal")
     save_checkpoint(path, {
@@ -273,7 +275,7 @@ def posterior_batches(
             continue
         # each observation ``samples`` times in a row: subset repeats the per-item parameters too
         part = observations.subset(batches[b].repeat_interleave(samples))
-        generator = _generator(config.seed, *seed_keys, b, device=device)
+        generator = round_generator(config.seed, *seed_keys, b, device=device)
         if exact:
             x = prior.sample_posterior(part.operator, part.y, part.noise_std, generator=generator)
         else:
@@ -327,7 +329,7 @@ def m_step(context: Round, k: int, x: Tensor, warm: PreconditionedDenoiser | Non
         # weights a function of the run's seed, equal on every rank, and leaves the caller's
         # global state as it was
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(torch.randint(2**62, (), generator=_generator(context.config.seed, 8))))
+            torch.manual_seed(int(torch.randint(2**62, (), generator=round_generator(context.config.seed, 8))))
             model = default_network(context.shape, context.network)
     else:
         model = copy.deepcopy(warm)
@@ -336,7 +338,7 @@ def m_step(context: Round, k: int, x: Tensor, warm: PreconditionedDenoiser | Non
     metadata = {"trained_on": context.description, "shape": list(context.shape),
                 "network": dataclasses.asdict(context.network), "em_round": k, "method": method}
     began = time.perf_counter()
-    result = train(model, x.to(context.device), training, generator=_generator(context.config.seed, 4, k),
+    result = train(model, x.to(context.device), training, generator=round_generator(context.config.seed, 4, k),
                    checkpoint=context.folder(k) / "train.pt", resume=True, metadata=metadata)
     seconds = time.perf_counter() - began
     if distributed.is_main():
@@ -380,7 +382,7 @@ class DiEM:
             gaussian = fit_gaussian(
                 data.y, data.operator, data.noise_std, context.shape, rank=config.gaussian_rank or None,
                 iterations=config.gaussian_iterations, samples=config.gaussian_samples,
-                generator=_generator(config.seed, 2, device=context.device),
+                generator=round_generator(config.seed, 2, device=context.device),
                 progress=context.progress and distributed.is_main(),
             )
             if distributed.is_main():

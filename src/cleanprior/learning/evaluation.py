@@ -95,7 +95,8 @@ def evaluate_round(
     Returns:
         The round's metrics (plain floats).
     """
-    from cleanprior.learning.em import _generator, posterior_batches
+    from cleanprior.learning.em import posterior_batches
+    from cleanprior.learning.rounds import round_generator
     from cleanprior.metrics.diagnostics import posterior_predictive
     from cleanprior.runs.report import save_image_grid
 
@@ -108,7 +109,7 @@ def evaluate_round(
 
     device = heldout.y.device if heldout is not None else torch.device("cpu")
     x_prior = _prior_samples(prior, evaluation.prior_samples, shape, evaluation.steps, exact,
-                             _generator(seed, 6, round_index, device=device))
+                             round_generator(seed, 6, round_index, device=device))
     reference = None
     if evaluation.reference:
         from cleanprior.data.files import load_clean

@@ -78,7 +78,7 @@ from cleanprior.data.files import Observations
 from cleanprior.diffusion.denoiser import Denoiser, expand_sigma
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN
-from cleanprior.diffusion.training import TrainConfig, _ema_update, dsm_loss, sample_sigma
+from cleanprior.diffusion.training import TrainConfig, dsm_loss, ema_update, sample_sigma
 from cleanprior.learning.rounds import round_generator
 from cleanprior.nn.flow import ConditionalFlow
 from cleanprior.operators.base import Operator, as_operator
@@ -515,7 +515,7 @@ class FlowDiff:
         if config.clip > 0:
             torch.nn.utils.clip_grad_norm_(self.prior.parameters(), config.clip)
         self.prior_optimizer.step()
-        _ema_update(self.ema, self.prior, config.ema_decay)
+        ema_update(self.ema, self.prior, config.ema_decay)
         return loss.item()
 
     def run(
