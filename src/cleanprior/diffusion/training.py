@@ -38,7 +38,9 @@ from cleanprior.diffusion.denoiser import expand_sigma
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN, ExponentialSchedule
 
-__all__ = ["TrainConfig", "TrainResult", "TrainingLoss", "dsm_loss", "ema_update", "sample_sigma", "train"]
+__all__ = [
+    "TrainConfig", "TrainResult", "TrainingLoss", "dsm_loss", "dsm_weight", "ema_update", "sample_sigma", "train",
+]
 
 
 @dataclasses.dataclass
@@ -142,6 +144,23 @@ def _beta_from_generator(
     return gamma_a / (gamma_a + gamma_b)
 
 
+def dsm_weight(sigma: Tensor, sigma_data: float) -> Tensor:
+    r"""The loss weight of denoising score matching, :math:`w(\sigma) = 1/\sigma^2 + 1/\sigma_d^2`.
+
+    With the EDM preconditioning it makes the network's own regression target unit-variance at
+    every level; every loss that trains a :class:`PreconditionedDenoiser` (AmbientDiffusion,
+    SURE) weighs its levels by it too.
+
+    Arguments:
+        sigma: Noise levels, any shape.
+        sigma_data: The data's standard deviation :math:`\sigma_d`.
+
+    Returns:
+        The weights, shaped like ``sigma``.
+    """
+    return 1 / sigma**2 + 1 / sigma_data**2
+
+
 def dsm_loss(
     denoiser: PreconditionedDenoiser,
     x: Tensor,
@@ -170,7 +189,7 @@ def dsm_loss(
     eps = noise if noise is not None else torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     s = expand_sigma(sigma, x)
     error = denoiser(x + s * eps, sigma) - x
-    weight = 1 / sigma**2 + 1 / denoiser.sigma_data**2
+    weight = dsm_weight(sigma, denoiser.sigma_data)
     return weight * error.float().pow(2).flatten(1).mean(1)
 
 

@@ -49,6 +49,7 @@ from torch import Tensor, nn
 
 from cleanprior.diffusion.denoiser import Denoiser, batch_sigma, expand_sigma
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
+from cleanprior.diffusion.training import dsm_weight
 
 __all__ = [
     "AmbientDenoiser",
@@ -214,7 +215,7 @@ class AmbientLoss:
         x_t = x + expand_sigma(sigma, x) * noise
         error = observed * (masked_denoise(denoiser, x_t, sigma, further) - x)
         count = observed.flatten(1).sum(1).clamp_min(1)
-        weight = 1 / sigma**2 + 1 / denoiser.sigma_data**2
+        weight = dsm_weight(sigma, denoiser.sigma_data)
         return weight * error.float().pow(2).flatten(1).sum(1) / count
 
 
@@ -375,7 +376,7 @@ class AmbientNoisyLoss:
         total = self.levels(sigma)
         x_t = x + expand_sigma(sigma, x) * noise
         error = denoiser(x_t, total) - x
-        weight = 1 / total**2 + 1 / denoiser.sigma_data**2
+        weight = dsm_weight(total, denoiser.sigma_data)
         return weight * error.float().pow(2).flatten(1).mean(1)
 
 

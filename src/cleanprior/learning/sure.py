@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from cleanprior.diffusion.denoiser import Denoiser, batch_sigma, expand_sigma
+from cleanprior.diffusion.training import dsm_weight
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 
 __all__ = [
@@ -301,7 +302,7 @@ class SURELoss:
                 probes=self.probes,
                 per_entry=True,
             )
-        weight = 1 / total**2 + 1 / denoiser.sigma_data**2
+        weight = dsm_weight(total, denoiser.sigma_data)
         return weight * risk.float()
 
 
