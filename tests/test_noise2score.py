@@ -396,7 +396,7 @@ def test_train_score_refuses_bad_input():
         train_score(torch.nn.Linear(2, 2), torch.full((4, 2), float("nan")), progress=False)
     with pytest.raises(ValueError, match="no parameters"):
         train_score(torch.nn.Identity(), torch.zeros(4, 2), progress=False)
-    with pytest.raises(ValueError, match="maps a sample"):
+    with pytest.raises(ValueError, match="maps an input of shape"):
         train_score(torch.nn.Linear(2, 3), torch.zeros(4, 2), progress=False)
     with pytest.raises(ValueError, match="sigma_end <= sigma_start"):
         ScoreConfig(sigma_start=0.01, sigma_end=0.1)

@@ -312,7 +312,7 @@ def test_train_sure_denoiser_refuses_bad_input():
         train_sure_denoiser(net, torch.zeros(4, 2), torch.ones(3), progress=False)
     with pytest.raises(ValueError, match="no parameters"):
         train_sure_denoiser(nn.Identity(), torch.zeros(4, 2), 0.1, progress=False)
-    with pytest.raises(ValueError, match="maps an image"):
+    with pytest.raises(ValueError, match="maps an input of shape"):
         train_sure_denoiser(nn.Linear(2, 3), torch.zeros(4, 2), 0.1, progress=False)
     with pytest.raises(ValueError, match="probes"):
         SUREConfig(probes=0)

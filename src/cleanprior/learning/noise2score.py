@@ -84,7 +84,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -384,130 +383,36 @@ def train_score(
         ValueError: If ``y`` is empty or not finite, the network does not map a sample to its
             shape, or the checkpoint was written with other options.
     """
-    from cleanprior.runs.checkpoint import load_checkpoint
+    from cleanprior.learning.loop import check_network, make_generator, train_network
 
     config = config or ScoreConfig()
     if y.ndim < 2 or y.shape[0] == 0:
         raise ValueError(f"y must have shape (N, *shape) with N > 0, got {tuple(y.shape)}")
     if not torch.isfinite(y).all():
         raise ValueError("the noisy data y contain NaN or infinite values")
-    if generator is None:
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
-    if generator.device.type != "cpu":
-        raise ValueError("train_score takes a CPU generator (it draws minibatch indices)")
-    parameters = list(network.parameters())
-    if not parameters:
-        raise ValueError(f"the score network ({type(network).__name__}) has no parameters to train")
-    device = parameters[0].device
-    with torch.no_grad():
-        network.eval()
-        probe = network(y[:1].to(device))
-    if probe.shape != y[:1].shape:
-        raise ValueError(
-            f"the network maps a sample of shape {tuple(y.shape[1:])} to {tuple(probe.shape[1:])}"
-        )
+    generator = make_generator(generator, "train_score")
+    device = check_network(network, y[:1], y[:1].shape, "score network")
 
-    optimizer = torch.optim.AdamW(
-        network.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
-    losses: list[float] = []
-    start = 0
-    path = pathlib.Path(checkpoint) if checkpoint is not None else None
-    if resume and path is not None and path.exists():
-        state = load_checkpoint(
-            path, map_location=device, keys=("kind", "state_dict", "metadata", "training")
-        )
-        if state["kind"] != "noise2score":
-            raise ValueError(f"{path} is a {state['kind']!r} checkpoint, not a Noise2Score one")
-        _check_same_config(path, state["metadata"]["config"], config)
-        network.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["training"]["optimizer"])
-        generator.set_state(state["training"]["generator"])
-        losses = list(state["training"]["losses"])
-        start = int(state["training"]["step"])
-
-    def save(step: int) -> None:
-        if path is None:
-            return
-        _save(path, network, config, step, optimizer, generator, losses)
-
-    steps: Any = range(start, config.steps)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            steps, desc="score", unit="step", initial=start, total=config.steps, dynamic_ncols=True
-        )
-        steps = bar
-    network.train()
-    for step in steps:
-        sigma_a = config.sigma_a(step)
+    def loss(step: int) -> dict[str, Tensor]:
         index = torch.randint(y.shape[0], (config.batch_size,), generator=generator)
         u = torch.randn((config.batch_size, *y.shape[1:]), generator=generator, dtype=y.dtype)
-        loss = ardae_loss(network, y[index].to(device), sigma_a, u.to(device)).mean()
-        if not torch.isfinite(loss):
-            save(step)
-            raise FloatingPointError(
-                f"the score loss became non-finite at step {step}; the last good state is saved"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.clip > 0:
-            nn.utils.clip_grad_norm_(network.parameters(), config.clip)
-        optimizer.step()
-        losses.append(loss.item())
-        if bar is not None and step % 10 == 0:
-            bar.set_postfix(
-                loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}", sigma_a=f"{sigma_a:.3g}"
-            )
-        if callback is not None:
-            callback(step, losses[-1])
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            save(step + 1)
-    network.eval()
-    save(config.steps)
-    return ScoreResult(network, losses, [config.sigma_a(step) for step in range(len(losses))])
+        sigma_a = config.sigma_a(step)
+        return {"loss": ardae_loss(network, y[index].to(device), sigma_a, u.to(device)).mean()}
 
-
-def _check_same_config(path: pathlib.Path, saved: dict[str, Any], config: Any) -> None:
-    """Raise ValueError, naming the options, if a checkpoint was written with other options."""
-    current = dataclasses.asdict(config)
-    differ = sorted(k for k in current if k != "checkpoint_every" and saved.get(k) != current[k])
-    if differ:
-        raise ValueError(
-            f"{path} was written with other options ({', '.join(f'{k}: {saved.get(k)!r} -> {current[k]!r}' for k in differ)}); "
-            "resume with the same options or start a new checkpoint"
-        )
-
-
-def _save(
-    path: pathlib.Path,
-    network: nn.Module,
-    config: ScoreConfig,
-    step: int,
-    optimizer: torch.optim.Optimizer,
-    generator: torch.Generator,
-    losses: list[float],
-) -> None:
-    """Write a training checkpoint: the network, what rebuilds it and what resumes training."""
-    from cleanprior.runs.checkpoint import save_checkpoint
-
-    save_checkpoint(
-        path,
-        {
-            "kind": "noise2score",
-            "network": {"name": type(network).__name__, "config": getattr(network, "config", None)},
-            "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-            "metadata": {"config": dataclasses.asdict(config), "step": step},
-            "training": {
-                "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
-                "losses": losses,
-                "step": step,
-            },
-        },
+    trained, history = train_network(
+        network,
+        loss,
+        config,
+        kind="noise2score",
+        generator=generator,
+        checkpoint=checkpoint,
+        resume=resume,
+        progress=progress,
+        callback=callback,
+        postfix=lambda step: {"sigma_a": f"{config.sigma_a(step):.3g}"},
     )
+    losses = history["loss"]
+    return ScoreResult(trained, losses, [config.sigma_a(step) for step in range(len(losses))])
 
 
 class Noise2Score(nn.Module):

@@ -52,11 +52,9 @@ References:
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import os
-import pathlib
 from collections.abc import Callable
 from typing import Any
 
@@ -481,107 +479,25 @@ def train_reconstruction(
             observation to an image's shape, the latent module does not exist, or the
             checkpoint was written with other options.
     """
-    from cleanprior.runs.checkpoint import load_checkpoint
+    from cleanprior.learning.loop import check_network, make_generator, train_network
 
     config = config or SUDConfig()
     x_p, y_p, y_u = _check_data(pairs, unpaired, prior, config)
-    if generator is None:
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
-    if generator.device.type != "cpu":
-        raise ValueError("train_reconstruction takes a CPU generator (it draws minibatch indices)")
-    parameters = list(f.parameters())
-    if not parameters:
-        raise ValueError(f"f ({type(f).__name__}) has no parameters to train")
-    device = parameters[0].device
+    generator = make_generator(generator, "train_reconstruction")
     unsupervised = config.method != "supervised"
     hook = LatentHook(f, config.latent) if unsupervised and config.lambda_2 > 0 else None
-    with torch.no_grad():
-        f.eval()
-        if hook is None:
-            probe = f(y_p[:1].to(device))
-        else:
-            with hook:
-                probe = f(y_p[:1].to(device))
-            if hook.latents is None:
-                raise ValueError(
-                    f"the latent module {config.latent!r} is not called by f's forward pass"
-                )
-    if probe.shape != x_p[:1].shape:
-        raise ValueError(
-            f"f maps an observation {tuple(y_p.shape[1:])} to {tuple(probe.shape[1:])}, not to an image {tuple(x_p.shape[1:])}"
-        )
-
-    ema = copy.deepcopy(f).eval().requires_grad_(False) if config.ema_decay > 0 else None
-    optimizer = torch.optim.AdamW(f.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    history: dict[str, list[float]] = {"loss": [], "paired": [], "den": [], "reg": []}
-    start = 0
-    path = pathlib.Path(checkpoint) if checkpoint is not None else None
-    if resume and path is not None and path.exists():
-        state = load_checkpoint(
-            path, map_location=device, keys=("kind", "state_dict", "metadata", "training")
-        )
-        if state["kind"] != "reconstruction":
+    if hook is None:
+        device = check_network(f, y_p[:1], x_p[:1].shape, "reconstruction network f", "an image")
+    else:
+        with hook:
+            device = check_network(f, y_p[:1], x_p[:1].shape, "reconstruction network f", "an image")
+        if hook.latents is None:
             raise ValueError(
-                f"{path} is a {state['kind']!r} checkpoint, not a reconstruction network's"
+                f"the latent module {config.latent!r} is not called by f's forward pass"
             )
-        saved = state["metadata"]["config"]
-        differ = sorted(
-            k
-            for k, v in dataclasses.asdict(config).items()
-            if k != "checkpoint_every" and saved.get(k) != v
-        )
-        if differ:
-            raise ValueError(
-                f"{path} was written with other options ({', '.join(differ)}); resume with the same options"
-            )
-        f.load_state_dict(state["training"]["model"])
-        if ema is not None:
-            ema.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["training"]["optimizer"])
-        generator.set_state(state["training"]["generator"])
-        history = {k: list(v) for k, v in state["training"]["history"].items()}
-        start = int(state["training"]["step"])
+        hook.latents = None
 
-    def save(step: int) -> None:
-        if path is None:
-            return
-        from cleanprior.runs.checkpoint import save_checkpoint
-
-        save_checkpoint(
-            path,
-            {
-                "kind": "reconstruction",
-                "network": {"name": type(f).__name__, "config": getattr(f, "config", None)},
-                "state_dict": {k: v.detach().cpu() for k, v in (ema or f).state_dict().items()},
-                "metadata": {"config": dataclasses.asdict(config), "step": step},
-                "training": {
-                    "model": {k: v.detach().cpu() for k, v in f.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(),
-                    "history": history,
-                    "step": step,
-                },
-            },
-        )
-
-    steps: Any = range(start, config.steps)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            steps,
-            desc=config.method,
-            unit="step",
-            initial=start,
-            total=config.steps,
-            dynamic_ncols=True,
-        )
-        steps = bar
-    f.train()
-    for step in steps:
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * config.lr_factor(step)
+    def loss(step: int) -> dict[str, Tensor]:
         rows = _draw(x_p.shape[0], config.batch_paired, generator)
         paired = pseudo_label_loss(f(y_p[rows].to(device)), x_p[rows].to(device))
         den = reg = torch.zeros((), device=device)
@@ -593,31 +509,18 @@ def train_reconstruction(
             den, reg = _unpaired_terms(
                 f, y_u[rows_u].to(device), z.to(device), prior, config, hook, generator
             )
-        loss = paired + config.lambda_1 * den + config.lambda_2 * reg
-        if not torch.isfinite(loss):
-            save(step)
-            raise FloatingPointError(
-                f"the training loss became non-finite at step {step}; the last good state is saved"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.clip > 0:
-            nn.utils.clip_grad_norm_(f.parameters(), config.clip)
-        optimizer.step()
-        if ema is not None:
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), f.parameters(), strict=True):
-                    e.lerp_(p, 1 - config.ema_decay)
-                for e, b in zip(ema.buffers(), f.buffers(), strict=True):
-                    e.copy_(b)
-        for key, value in (("loss", loss), ("paired", paired), ("den", den), ("reg", reg)):
-            history[key].append(value.item())
-        if bar is not None and step % 10 == 0:
-            bar.set_postfix(loss=f"{sum(history['loss'][-50:]) / len(history['loss'][-50:]):.4f}")
-        if callback is not None:
-            callback(step, history["loss"][-1])
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            save(step + 1)
-    f.eval()
-    save(config.steps)
-    return ReconstructionResult(ema if ema is not None else f, history)
+        total = paired + config.lambda_1 * den + config.lambda_2 * reg
+        return {"loss": total, "paired": paired, "den": den, "reg": reg}
+
+    network, history = train_network(
+        f,
+        loss,
+        config,
+        kind="reconstruction",
+        generator=generator,
+        checkpoint=checkpoint,
+        resume=resume,
+        progress=progress,
+        callback=callback,
+    )
+    return ReconstructionResult(network, history)

@@ -44,16 +44,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import pathlib
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from cleanprior.diffusion.denoiser import Denoiser, batch_sigma, expand_sigma
-from cleanprior.diffusion.training import dsm_weight
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
+from cleanprior.diffusion.training import dsm_weight
 
 __all__ = [
     "SUREConfig",
@@ -465,7 +463,7 @@ def train_sure_denoiser(
         Metzler, Mousavi, Heckel & Baraniuk (2018). Unsupervised Learning with Stein's Unbiased
         Risk Estimator. https://arxiv.org/abs/1805.10531
     """
-    from cleanprior.runs.checkpoint import load_checkpoint, save_checkpoint
+    from cleanprior.learning.loop import check_network, make_generator, train_network
 
     config = config or SUREConfig()
     if y.ndim < 2 or y.shape[0] == 0:
@@ -481,124 +479,37 @@ def train_sure_denoiser(
         )
     if not (torch.isfinite(sigma).all() and (sigma > 0).all()):
         raise ValueError("noise_std must be positive and finite")
-    recorded = sigma.tolist()
-    if generator is None:
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
-    if generator.device.type != "cpu":
-        raise ValueError("train_sure_denoiser takes a CPU generator (it draws minibatch indices)")
-    parameters = list(network.parameters())
-    if not parameters:
-        raise ValueError(f"the denoiser ({type(network).__name__}) has no parameters to train")
-    device = parameters[0].device
-    with torch.no_grad():
-        network.eval()
-        probe = network(y[:1].to(device))
-    if probe.shape != y[:1].shape:
-        raise ValueError(
-            f"the denoiser maps an image of shape {tuple(y.shape[1:])} to {tuple(probe.shape[1:])}"
-        )
+    generator = make_generator(generator, "train_sure_denoiser")
+    device = check_network(network, y[:1], y[:1].shape, "denoiser")
 
-    optimizer = torch.optim.AdamW(
-        network.parameters(), lr=config.lr, weight_decay=config.weight_decay
-    )
-    losses: list[float] = []
-    start = 0
-    path = pathlib.Path(checkpoint) if checkpoint is not None else None
-    if resume and path is not None and path.exists():
-        state = load_checkpoint(
-            path, map_location=device, keys=("kind", "state_dict", "metadata", "training")
-        )
-        if state["kind"] != "sure":
-            raise ValueError(f"{path} is a {state['kind']!r} checkpoint, not a SURE denoiser's")
-        saved = state["metadata"]["config"]
-        current = dataclasses.asdict(config)
-        differ = sorted(
-            k for k in current if k != "checkpoint_every" and saved.get(k) != current[k]
-        )
-        if differ:
-            raise ValueError(
-                f"{path} was written with other options ({', '.join(differ)}); resume with the same options"
-            )
-        if state["metadata"]["noise_std"] != recorded:
-            raise ValueError(f"{path} was trained at another noise_std; resume with the same data")
-        network.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["training"]["optimizer"])
-        generator.set_state(state["training"]["generator"])
-        losses = list(state["training"]["losses"])
-        start = int(state["training"]["step"])
-
-    def save(step: int) -> None:
-        if path is None:
-            return
-        save_checkpoint(
-            path,
-            {
-                "kind": "sure",
-                "network": {
-                    "name": type(network).__name__,
-                    "config": getattr(network, "config", None),
-                },
-                "state_dict": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-                "metadata": {
-                    "config": dataclasses.asdict(config),
-                    "noise_std": recorded,
-                    "step": step,
-                },
-                "training": {
-                    "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(),
-                    "losses": losses,
-                    "step": step,
-                },
-            },
-        )
-
-    steps: Any = range(start, config.steps)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            steps, desc="sure", unit="step", initial=start, total=config.steps, dynamic_ncols=True
-        )
-        steps = bar
-    network.train()
-    for step in steps:
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * config.lr_factor(step)
+    def loss(step: int) -> dict[str, Tensor]:
         index = torch.randint(y.shape[0], (config.batch_size,), generator=generator)
         # the probes are drawn on the training device, from a generator seeded by the CPU one,
         # so that a resumed run draws the same probes
         probes = torch.Generator(device=device)
         probes.manual_seed(int(torch.randint(2**62, (), generator=generator)))
-        level = sigma[index] if sigma.ndim else float(sigma)
+        level = sigma[index].to(device) if sigma.ndim else float(sigma)
         risk = sure(
             network,
             y[index].to(device),
-            level.to(device) if isinstance(level, Tensor) else level,
+            level,
             probes,
             epsilon=config.epsilon,
             probes=config.probes,
             per_entry=True,
         )
-        loss = risk.mean()
-        if not torch.isfinite(loss):
-            save(step)
-            raise FloatingPointError(
-                f"the SURE loss became non-finite at step {step}; the last good state is saved"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.clip > 0:
-            nn.utils.clip_grad_norm_(network.parameters(), config.clip)
-        optimizer.step()
-        losses.append(loss.item())
-        if bar is not None and step % 10 == 0:
-            bar.set_postfix(mse=f"{sum(losses[-50:]) / len(losses[-50:]):.4g}")
-        if callback is not None:
-            callback(step, losses[-1])
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            save(step + 1)
-    network.eval()
-    save(config.steps)
-    return SUREResult(network, losses)
+        return {"loss": risk.mean()}
+
+    trained, history = train_network(
+        network,
+        loss,
+        config,
+        kind="sure",
+        generator=generator,
+        checkpoint=checkpoint,
+        resume=resume,
+        progress=progress,
+        callback=callback,
+        metadata={"noise_std": sigma.tolist()},
+    )
+    return SUREResult(trained, history["loss"])
