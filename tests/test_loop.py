@@ -122,6 +122,19 @@ def test_refuses_other_options_kind_and_metadata(tmp_path) -> None:
         )
 
 
+def test_an_option_added_later_resumes_at_its_default(tmp_path) -> None:
+    """A checkpoint written before an option existed resumes when the option has its default."""
+    path = tmp_path / "train.pt"
+    _run(Options(steps=10), torch.Generator().manual_seed(0), checkpoint=path)
+    state = torch.load(path, weights_only=False)
+    del state["metadata"]["config"]["batch"]
+    torch.save(state, path)
+    _, history = _run(Options(steps=10), torch.Generator(), checkpoint=path, resume=True)
+    assert len(history["loss"]) == 10
+    with pytest.raises(ValueError, match=r"batch: 16 -> 8"):
+        _run(Options(steps=10, batch=8), torch.Generator(), checkpoint=path, resume=True)
+
+
 def test_non_finite_loss_saves_the_last_good_state(tmp_path) -> None:
     path = tmp_path / "train.pt"
     network = nn.Linear(2, 1)

@@ -344,3 +344,42 @@ def test_runs_train_on_every_device(tmp_path, data, device, method):
     with torch.no_grad():
         expected = result.network(observations.y.to(device)).cpu()
     torch.testing.assert_close(x_hat, expected, rtol=0, atol=1e-5)
+
+
+def test_a_run_written_before_an_option_existed_resumes(tmp_path, data, monkeypatch):
+    """A SUD² run folder and checkpoint without ``warmup`` (added later) resume as if it were 0;
+    another option's change is still refused."""
+    import cleanprior.learning.sud as sud_module
+
+    config = tiny("sud2")
+    config = dataclasses.replace(config, sud=dataclasses.replace(config.sud, steps=6))
+    full = fit(data, tmp_path / "full", "sud2", config=config)
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_4(step: int, loss: float) -> None:
+        if step == 4:
+            raise Stop
+
+    original = sud_module.train_reconstruction
+    monkeypatch.setattr(
+        sud_module,
+        "train_reconstruction",
+        lambda *args, **kwargs: original(*args, callback=stop_at_4, **kwargs),
+    )
+    with pytest.raises(Stop):
+        fit(data, tmp_path / "run", "sud2", config=config)
+    monkeypatch.setattr(sud_module, "train_reconstruction", original)
+    settings = json.loads((tmp_path / "run" / "config.json").read_text())
+    del settings["config"]["sud"]["warmup"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(settings))
+    (checkpoint,) = [p for p in (tmp_path / "run").glob("*.pt")]
+    state = torch.load(checkpoint, weights_only=False)
+    del state["metadata"]["config"]["warmup"]
+    torch.save(state, checkpoint)
+    with pytest.raises(ValueError, match="configuration differs"):
+        other = dataclasses.replace(config, sud=dataclasses.replace(config.sud, lambda_1=0.5))
+        fit(data, tmp_path / "run", "sud2", config=other, resume=True)
+    resumed = fit(data, tmp_path / "run", "sud2", config=config, resume=True)
+    assert resumed.metrics["history"] == full.metrics["history"]

@@ -101,13 +101,26 @@ def check_network(
     return device
 
 
+def _defaults(config: Any) -> dict[str, Any]:
+    """The default of every field of a dataclass that has one (as ``asdict`` would write it)."""
+    defaults = {}
+    for field in dataclasses.fields(config):
+        if field.default is not dataclasses.MISSING:
+            defaults[field.name] = field.default
+        elif field.default_factory is not dataclasses.MISSING:
+            value = field.default_factory()
+            defaults[field.name] = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    return defaults
+
+
 def _refuse_other_options(
     path: pathlib.Path, state: dict[str, Any], kind: str, config: Any, metadata: Mapping[str, Any]
 ) -> None:
     """Raise ValueError, naming what differs, unless ``state`` was written by this run's options."""
     if state["kind"] != kind:
         raise ValueError(f"{path} is a {state['kind']!r} checkpoint, not a {kind!r} one")
-    saved = state["metadata"]["config"]
+    # an option added after the checkpoint was written counts as having had its default
+    saved = {**_defaults(config), **state["metadata"]["config"]}
     current = dataclasses.asdict(config)
     differ = sorted(k for k in current if k != "checkpoint_every" and saved.get(k) != current[k])
     if differ:

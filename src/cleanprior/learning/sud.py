@@ -267,6 +267,12 @@ class SUDConfig:
         sampler: SUD²'s sampler (DDPM, as in the paper, by default).
         sigma_min: SUD²'s last non-zero level.
         steps: Optimiser steps.
+        warmup: The first steps train on the pairs alone; the pseudo-label and decorrelation
+            terms switch on after them. Without it the prior's targets are taken from an
+            untrained network's outputs and pull the network towards the prior's modes before
+            the pairs have taught it what to reconstruct (the collapse of SUD); with it the
+            targets refine reconstructions that already follow the pairs, as semi-supervised
+            training ramps up its unsupervised weight.
         batch_paired: Pairs per step.
         batch_unpaired: Unpaired observations per step.
         lr: AdamW's peak learning rate.
@@ -293,6 +299,7 @@ class SUDConfig:
     sampler: str = "ddpm"
     sigma_min: float = SIGMA_MIN
     steps: int = 5000
+    warmup: int = 0
     batch_paired: int = 8
     batch_unpaired: int = 32
     lr: float = 1e-3
@@ -314,6 +321,8 @@ class SUDConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"SUDConfig.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"SUDConfig.warmup must be a non-negative integer, got {self.warmup!r}")
         for name in ("lambda_1", "lambda_2", "weight_decay", "clip"):
             if not getattr(self, name) >= 0:
                 raise ValueError(
@@ -501,7 +510,7 @@ def train_reconstruction(
         rows = _draw(x_p.shape[0], config.batch_paired, generator)
         paired = pseudo_label_loss(f(y_p[rows].to(device)), x_p[rows].to(device))
         den = reg = torch.zeros((), device=device)
-        if unsupervised:
+        if unsupervised and step >= config.warmup:
             rows_u = _draw(y_u.shape[0], config.batch_unpaired, generator)
             z = torch.randn(
                 (config.batch_unpaired, *x_p.shape[1:]), generator=generator, dtype=x_p.dtype
