@@ -15,6 +15,7 @@ from cleanprior.learning.ambient import (
     AmbientLoss,
     AmbientNoisyDenoiser,
     AmbientNoisyLoss,
+    FixedMaskDenoiser,
     masked_denoise,
 )
 from cleanprior.nn import MLP, MaskedMLP, MaskedUNet, build_network
@@ -257,6 +258,33 @@ def test_ambient_denoiser_draws_fresh_masks_of_the_training_law():
     )(zeros, sigma)
     assert torch.allclose(4 * averaged / c_out, (4 * averaged / c_out).round(), atol=1e-4)
     assert abs((averaged / c_out).mean().item() - 0.7) < 4 * math.sqrt(0.7 * 0.3 / (4 * n))
+
+
+def test_fixed_mask_denoiser_keeps_one_mask_per_row():
+    """With x_t = 0 the estimate is c_out times the row's mask: the kept fraction is ``keep``
+    within 4 binomial standard errors, every call returns the same masks (one per trajectory),
+    rows differ, the seed repeats them, and keep = 1 is the denoiser with every entry shown."""
+    denoiser = PreconditionedDenoiser(MaskEcho(), sigma_data=0.5)
+    sigma = torch.tensor(1.0)
+    c_out = 0.5 / math.sqrt(1.25)
+    zeros = torch.zeros(100, 1, 16, 16)
+    fixed = FixedMaskDenoiser(denoiser, keep=0.4, seed=3)
+    first = fixed(zeros, sigma) / c_out
+    n = first.numel()
+    assert abs(first.mean().item() - 0.4) < 4 * math.sqrt(0.4 * 0.6 / n)
+    assert torch.allclose(first, first.round(), atol=1e-5)
+    torch.testing.assert_close(fixed(zeros, 0.3 * sigma) / (0.5 * 0.3 / math.sqrt(0.34)), first)
+    assert not torch.equal(first[0], first[1])
+    torch.testing.assert_close(FixedMaskDenoiser(denoiser, keep=0.4, seed=3)(zeros, sigma) / c_out, first)
+    assert not torch.equal(FixedMaskDenoiser(denoiser, keep=0.4, seed=4)(zeros, sigma) / c_out, first)
+    torch.manual_seed(0)
+    mlp = PreconditionedDenoiser(MaskedMLP(6, hidden=(16,)), sigma_data=0.5)
+    x_t = torch.randn(5, 6)
+    torch.testing.assert_close(FixedMaskDenoiser(mlp, keep=1.0)(x_t, sigma), mlp(x_t, sigma))
+    with pytest.raises(ValueError, match="keep"):
+        FixedMaskDenoiser(denoiser, keep=0.0)
+    with pytest.raises(TypeError, match="does not take a mask"):
+        FixedMaskDenoiser(PreconditionedDenoiser(MLP(6)), keep=0.5)
 
 
 # --------------------------------------------------------------------------------------------

@@ -116,6 +116,12 @@ def test_fit_takes_every_learning_method(tmp_path, method):
     assert ("amortized_psnr" in metrics[-1]) == (method == "flowdiff")
     assert ("dps_zeta" in metrics[-1]) == (method == "emdiffusion")
     assert load_denoiser(run / "checkpoint.pt").metadata["method"] == method
+    if method == "ambient":
+        # images are sampled through one fixed mask per trajectory (EMConfig.sampling_keep)
+        from cleanprior.runs.prior import load_run_prior
+
+        prior = load_run_prior(run)
+        assert type(prior).__name__ == "FixedMaskDenoiser" and prior.keep == 0.65
 
 
 def test_a_bad_observation_file_leaves_an_existing_run_untouched(tmp_path):

@@ -18,7 +18,9 @@ minimiser is :math:`D = E[x \mid \tilde M \odot x_t, \tilde M]` on every
 entry, the erased ones included: the conditional expectation of the *clean* image. The
 denoiser is a :class:`~cleanprior.diffusion.precondition.PreconditionedDenoiser` around a
 mask-conditioned network (:mod:`cleanprior.nn.masked`), evaluated with the mask by
-:func:`masked_denoise`; :class:`AmbientDenoiser` turns it into a plain denoiser for the samplers.
+:func:`masked_denoise`; :class:`FixedMaskDenoiser` (one mask per trajectory, the paper's sampler)
+and :class:`AmbientDenoiser` (fresh masks at every call) turn it into a plain denoiser for the
+samplers.
 
 **Noisy data** (Daras et al. 2024). Items observed as :math:`y = x + \sigma_y n`. For a level
 :math:`\sigma > \sigma_y`, :math:`x_t = y + \sqrt{\sigma^2 - \sigma_y^2}\, \epsilon` has the law
@@ -56,6 +58,7 @@ __all__ = [
     "AmbientLoss",
     "AmbientNoisyDenoiser",
     "AmbientNoisyLoss",
+    "FixedMaskDenoiser",
     "masked_denoise",
 ]
 
@@ -234,7 +237,7 @@ class AmbientDenoiser(nn.Module):
     on less than :math:`x_t` (a fraction :math:`\delta` of the entries is hidden), so the
     estimate is smoother than :math:`E[x \mid x_t]`; averaging over masks lowers its variance,
     not that bias. Alternatives: AmbientDiffusion's *fixed-mask* sampler keeps one
-    :math:`\tilde M` for a whole trajectory (a denoiser with state; not implemented); drawing
+    :math:`\tilde M` for a whole trajectory (:class:`FixedMaskDenoiser`); drawing
     :math:`\tilde M` with the density of the training masks :math:`M \odot B` (kept fraction
     :math:`(1 - p)(1 - \delta)` for i.i.d. masks that miss a fraction :math:`p`) matches what
     the network saw in training and is obtained here with ``delta = 1 - (1 - p)(1 - delta)``.
@@ -290,6 +293,71 @@ class AmbientDenoiser(nn.Module):
             keep = torch.rand(x_t.shape, generator=self.generator, device=x_t.device) >= self.delta
             total = total + masked_denoise(self.denoiser, x_t, sigma, keep.to(x_t.dtype))
         return total / self.draws
+
+
+class FixedMaskDenoiser(nn.Module):
+    r"""AmbientDiffusion's fixed-mask sampler: each trajectory keeps one mask throughout.
+
+    Row :math:`i` of every batch is denoised through the same mask :math:`\tilde M_i` at every
+    call, so that a sampler, which calls the denoiser once or twice per step on the same rows,
+    follows one mask from the first step to the last:
+
+    .. math:: D(x_t, \sigma)_i = D_\theta(\tilde M_i \odot x_{t,i}, \sigma, \tilde M_i),
+              \qquad \tilde M_{ij} \sim \text{Bernoulli}(\text{keep}).
+
+    Each row's estimate is then :math:`E[x \mid \tilde M_i \odot x_t, \tilde M_i]`, a
+    denoiser the network was trained to be (with a mask as sparse as the training masks, or
+    denser), and the trajectory is that of a prior whose hidden entries the network fills in
+    coherently. Unlike :class:`AmbientDenoiser`, whose masks change at every call, this is a
+    deterministic function of the row index: the masks are drawn from ``seed`` for each batch
+    size and reused.
+
+    Arguments:
+        denoiser: A preconditioned denoiser around a mask-conditioned network.
+        keep: The fraction of entries each mask keeps, in (0, 1]; 1 shows every entry.
+        seed: The seed of the masks.
+
+    Raises:
+        ValueError: If ``keep`` is outside (0, 1].
+        TypeError: If the denoiser's network does not take a mask.
+
+    References:
+        Daras et al. (2023). Ambient Diffusion: Learning Clean Distributions from Corrupted
+        Data (the fixed-mask sampler). https://arxiv.org/abs/2305.19256
+    """
+
+    def __init__(self, denoiser: PreconditionedDenoiser, keep: float, seed: int = 0) -> None:
+        super().__init__()
+        if not 0 < keep <= 1:
+            raise ValueError(f"keep must lie in (0, 1], got {keep}")
+        _check_mask_conditioned(denoiser)
+        self.denoiser = denoiser
+        self.keep = float(keep)
+        self.seed = int(seed)
+        self._masks: dict[tuple[tuple[int, ...], str, torch.dtype], Tensor] = {}
+
+    def masks(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype) -> Tensor:
+        """The masks of a batch of ``shape`` ``(B, *shape)``: 1 kept, 0 hidden, drawn on the CPU."""
+        key = (tuple(shape), str(device), dtype)
+        if key not in self._masks:
+            generator = torch.Generator().manual_seed(self.seed)
+            kept = torch.rand(shape, generator=generator) < self.keep
+            self._masks[key] = kept.to(device=device, dtype=dtype)
+        return self._masks[key]
+
+    def forward(self, x_t: Tensor, sigma: Tensor | float) -> Tensor:
+        r"""Denoise each row through its own fixed mask.
+
+        Arguments:
+            x_t: Noisy samples, shape ``(B, *shape)``.
+            sigma: Noise levels, broadcastable to ``(B,)``.
+
+        Returns:
+            The estimate, shape ``(B, *shape)``.
+        """
+        return masked_denoise(
+            self.denoiser, x_t, batch_sigma(sigma, x_t), self.masks(x_t.shape, x_t.device, x_t.dtype)
+        )
 
 
 def _check_noise_std(noise_std: float) -> float:

@@ -65,8 +65,9 @@ def sampling_wrapper(denoiser: Any, wrapper: dict[str, Any]) -> Any:
 
     Arguments:
         denoiser: The trained denoiser.
-        wrapper: ``{"kind": "sure" | "ambient_noisy", "noise_std": sigma_y}``, as the run
-            recorded it in its checkpoint's metadata (``sampling_wrapper``).
+        wrapper: ``{"kind": "sure" | "ambient_noisy", "noise_std": sigma_y}`` or
+            ``{"kind": "ambient_fixed", "keep": k, "seed": s}``, as the run recorded it in its
+            checkpoint's metadata (``sampling_wrapper``).
 
     Returns:
         The wrapped denoiser.
@@ -82,6 +83,10 @@ def sampling_wrapper(denoiser: Any, wrapper: dict[str, Any]) -> Any:
         from cleanprior.learning.ambient import AmbientNoisyDenoiser
 
         return AmbientNoisyDenoiser(denoiser, wrapper["noise_std"])
+    if wrapper.get("kind") == "ambient_fixed":
+        from cleanprior.learning.ambient import FixedMaskDenoiser
+
+        return FixedMaskDenoiser(denoiser, wrapper["keep"], wrapper["seed"])
     raise ValueError(f"unknown sampling wrapper {wrapper!r}")
 
 
@@ -146,11 +151,9 @@ class Direct:
             masks = observations.operator.mask
             masks = masks.expand(len(observations), *masks.shape[1:]) if masks.shape[0] == 1 else masks
             loss = AmbientLoss((masks > 0).cpu(), delta=config.delta)
-            # sampled with every entry shown (the network's mask=None): it extrapolates to denser
-            # masks than it was trained on, and on the 5-D manifold with 40 % missing this gave a
-            # Sinkhorn of 0.17 against 0.29 with fresh masks hiding delta = 0.1 of the entries
-            # (AmbientDenoiser) and 0.65 with masks of the training density
-            return observations.y, loss, _masked_network, None
+            keep = config.sampling_keep or (0.65 if len(observations.shape) == 3 else 1.0)
+            wrapper = None if keep >= 1 else {"kind": "ambient_fixed", "keep": keep, "seed": config.seed}
+            return observations.y, loss, _masked_network, wrapper
         if operator != "identity":
             what = "a mask or the identity" if self.name == "ambient" else "the identity (denoising)"
             raise ValueError(f"{self.name} learns from {what}, not from the operator {operator!r}")

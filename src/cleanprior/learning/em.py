@@ -92,6 +92,14 @@ class EMConfig:
         tune_observations: EMDiffusion: held-out observations that choose the step size.
         delta: AmbientDiffusion: the fraction of the observed pixels hidden again (further
             corruption) in every training example.
+        sampling_keep: AmbientDiffusion on masks: the fraction of the entries that the fixed
+            mask of each sampling trajectory keeps (the paper's fixed-mask sampler,
+            :class:`~cleanprior.learning.ambient.FixedMaskDenoiser`); 1 shows the network every
+            entry, a mask it never saw in training. 0 chooses by the data's shape: 0.65 for
+            images, 1 for vectors. Measured on MNIST with 75 % missing (seed 0, Frechet distance
+            of 256 samples): 1354 / 1034 / 584 / 353 / 434 / 754 / 1573 at 0.25 / 0.35 / 0.5 /
+            0.65 / 0.75 / 0.85 / 1; on the 5-D manifold with 40 % missing (Sinkhorn):
+            0.35 / 0.25 / 0.21 / 0.18 at 0.5 / 0.75 / 0.9 / 1.
     """
 
     rounds: int = 4
@@ -110,6 +118,7 @@ class EMConfig:
     zetas: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0)
     tune_observations: int = 16
     delta: float = 0.1
+    sampling_keep: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("rounds", "steps", "samples", "batch_size", "iterations", "gaussian_iterations",
@@ -124,6 +133,8 @@ class EMConfig:
             raise ValueError(f"EMConfig.zetas must be positive step sizes, got {self.zetas}")
         if not 0 < self.delta < 1:
             raise ValueError(f"EMConfig.delta must lie in (0, 1), got {self.delta}")
+        if not 0 <= self.sampling_keep <= 1:
+            raise ValueError(f"EMConfig.sampling_keep must lie in [0, 1], got {self.sampling_keep}")
 
     def posterior_options(self) -> dict[str, Any]:
         """The options handed to :func:`cleanprior.sample_posterior` in the E-step."""
