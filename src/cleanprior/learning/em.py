@@ -170,6 +170,10 @@ class EvalConfig:
             goes on).
         every: Measure every ``every``-th round only (and the start and the last round), for
             long runs where the evaluation would cost more than the rounds.
+        iterations: Krylov solver iterations of the held-out reconstructions (0: the E-step's).
+            One iteration suits the E-step's many samples; a blur needs more to fit its data
+            (MNIST, blur std 1.5 px: posterior check 14.6 with one, 1.35 with four; clean
+            prior's posterior 18.1 -> 23.3 dB).
     """
 
     method: str = "mmps"
@@ -182,10 +186,13 @@ class EvalConfig:
     evidence_observations: int = 16
     inception: bool = False
     every: int = 1
+    iterations: int = 0
 
     def __post_init__(self) -> None:
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"EvalConfig.every must be a positive integer, got {self.every!r}")
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 0:
+            raise ValueError(f"EvalConfig.iterations must be a non-negative integer, got {self.iterations!r}")
 
 
 @dataclasses.dataclass

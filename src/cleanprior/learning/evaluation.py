@@ -143,7 +143,8 @@ def evaluate_round(
 
     if heldout is not None and len(heldout) > 0:
         S = evaluation.posterior_samples
-        eval_config = dataclasses.replace(config, posterior=evaluation.method, batch_size=max(1, config.batch_size // S))
+        eval_config = dataclasses.replace(config, posterior=evaluation.method, batch_size=max(1, config.batch_size // S),
+                                          iterations=evaluation.iterations or config.iterations)
         x = posterior_batches(prior, heldout, config=eval_config, samples=S, seed_keys=(5,), exact=exact,
                               distribute=False)
         x = x.to(heldout.y.device)
