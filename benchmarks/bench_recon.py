@@ -580,7 +580,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("--mmps-steps", type=int, default=32, help="faces: MMPS sampler steps")
     parser.add_argument(
-        "--warmup", type=int, default=400, help="faces: SUD/SUD²'s paired-only steps"
+        "--warmup",
+        type=int,
+        default=None,
+        help="faces: SUD/SUD²'s paired-only steps (default: two thirds of --steps)",
     )
     parser.add_argument(
         "--lambda-1", type=float, default=0.03, help="faces: SUD/SUD²'s pseudo-label weight"
@@ -603,6 +606,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     faces_run = args.experiment == "faces"
     args.steps = args.steps or (600 if faces_run else 300)
     args.images = args.images or (100 if faces_run else 1024)
+    args.warmup = args.warmup if args.warmup is not None else 2 * args.steps // 3
     args.workdir.mkdir(parents=True, exist_ok=True)
     began = time.perf_counter()
     lines = faces_experiment(args) if faces_run else denoise_experiment(args)

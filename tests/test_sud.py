@@ -318,14 +318,15 @@ def test_resume_continues_exactly(tmp_path):
 
 
 def test_warmup_trains_on_the_pairs_alone_then_adds_the_prior():
-    """During the warm-up SUD² is the supervised run step for step (same draws, same weights);
-    afterwards its pseudo-label and decorrelation terms are on."""
+    """During the warm-up SUD² is the supervised run step for step (same draws, same losses, so
+    the same weights: the first step after it sees the supervised run's paired loss); afterwards
+    its pseudo-label and decorrelation terms are on."""
     prior, x_p, y_p, y_u = image_problem()
     common = dict(batch_paired=2, batch_unpaired=6, lr_schedule="constant")
     supervised = train_reconstruction(
         small_unet(),
         (x_p, y_p),
-        config=SUDConfig(method="supervised", steps=4, **common),
+        config=SUDConfig(method="supervised", steps=5, **common),
         generator=torch.Generator().manual_seed(0),
         progress=False,
     )
@@ -334,28 +335,18 @@ def test_warmup_trains_on_the_pairs_alone_then_adds_the_prior():
         (x_p, y_p),
         y_u,
         prior.denoiser,
-        SUDConfig(method="sud2", sud2_steps=2, steps=4, warmup=4, **common),
-        generator=torch.Generator().manual_seed(0),
-        progress=False,
-    )
-    assert warm.history == supervised.history
-    for a, b in zip(
-        warm.network.state_dict().values(), supervised.network.state_dict().values(), strict=True
-    ):
-        assert torch.equal(a, b)
-    longer = train_reconstruction(
-        small_unet(),
-        (x_p, y_p),
-        y_u,
-        prior.denoiser,
         SUDConfig(method="sud2", sud2_steps=2, steps=6, warmup=4, **common),
         generator=torch.Generator().manual_seed(0),
         progress=False,
     )
-    assert longer.history["loss"][:4] == supervised.history["loss"]
-    assert all(v > 0 for v in longer.history["den"][4:] + longer.history["reg"][4:])
+    assert warm.history["loss"][:4] == supervised.history["loss"][:4]
+    assert warm.history["paired"][:5] == supervised.history["paired"]
+    assert warm.history["den"][:4] == warm.history["reg"][:4] == [0.0] * 4
+    assert all(v > 0 for v in warm.history["den"][4:] + warm.history["reg"][4:])
     with pytest.raises(ValueError, match="warmup"):
         SUDConfig(warmup=-1)
+    with pytest.raises(ValueError, match=r"warmup \(6\) must be below steps \(6\)"):
+        SUDConfig(method="sud2", steps=6, warmup=6)
 
 
 def test_sud_with_a_network_prior_trains_only_the_reconstruction():

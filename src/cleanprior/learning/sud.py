@@ -323,6 +323,11 @@ class SUDConfig:
                 raise ValueError(f"SUDConfig.{name} must be a positive integer, got {value!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"SUDConfig.warmup must be a non-negative integer, got {self.warmup!r}")
+        if self.method != "supervised" and self.warmup >= self.steps:
+            raise ValueError(
+                f"SUDConfig.warmup ({self.warmup}) must be below steps ({self.steps}), or the "
+                f"{self.method} terms never switch on"
+            )
         for name in ("lambda_1", "lambda_2", "weight_decay", "clip"):
             if not getattr(self, name) >= 0:
                 raise ValueError(
