@@ -370,15 +370,6 @@ def _resolve(
     return dataclasses.replace(config, **updates), x_shape
 
 
-def _merged(defaults: dict[str, Any], saved: dict[str, Any]) -> dict[str, Any]:
-    """``saved`` with the entries it lacks taken from ``defaults``, recursively."""
-    merged = dict(defaults)
-    for key, value in saved.items():
-        old = merged.get(key)
-        merged[key] = _merged(old, value) if isinstance(old, dict) and isinstance(value, dict) else value
-    return merged
-
-
 def _comparable(settings: Any) -> Any:
     """Settings without what may change on resume (device, checkpoint periods)."""
     if isinstance(settings, dict):
@@ -601,10 +592,12 @@ def fit_reconstruction(
             raise FileExistsError(
                 f"{run} already holds a run; pass resume=True (--resume) to continue it, or choose another folder"
             )
+        from cleanprior.runs.config import with_defaults
+
         previous = json.loads((run / "config.json").read_text())
         # options added since the folder was written count as having had their defaults
         defaults = json.loads(json.dumps(dataclasses.asdict(ReconConfig()), default=str))
-        previous["config"] = _merged(defaults, previous.get("config", {}))
+        previous["config"] = with_defaults(previous.get("config", {}), defaults)
         now, before = _comparable(settings), _comparable(previous)
         changed = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
         if changed:

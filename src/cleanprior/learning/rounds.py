@@ -192,6 +192,8 @@ def run_rounds(
     if (run / "config.json").exists() and not resume:
         raise FileExistsError(f"{run} already holds a run; pass resume=True (--resume) to continue it, or choose another folder")
     if resume and (run / "config.json").exists():
+        from cleanprior.runs.config import with_defaults
+
         previous = json.loads((run / "config.json").read_text())
 
         # a folder written before an option existed holds that option at its default; the E-step's
@@ -203,8 +205,7 @@ def run_rounds(
         if "method" in legacy and "posterior" not in legacy:
             legacy["posterior"] = legacy.pop("method")
         previous = dict(previous, em=legacy)
-        for key, default in defaults.items():
-            previous[key] = {**default, **previous[key]} if isinstance(previous.get(key), dict) else previous.get(key, default)
+        previous = with_defaults(previous, defaults)
 
         def comparable(s: dict[str, Any]) -> dict[str, Any]:
             return dict(s, em={k: v for k, v in s.get("em", {}).items() if k != "rounds"}, evaluation=None, device=None)
