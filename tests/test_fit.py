@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 
 import pytest
 import torch
@@ -62,7 +63,7 @@ def test_the_clean_bound_beats_the_naive_bound_and_the_loss_decreases(tmp_path):
     # the masked coordinates read as zeros: a prior of zero-filled vectors is far from the manifold
     assert clean[0]["round"] == naive[0]["round"] == 1  # no start: the first row is round 1
     assert clean[0]["sinkhorn"] < 0.25 * naive[0]["sinkhorn"], (clean[0]["sinkhorn"], naive[0]["sinkhorn"])
-    losses = load_checkpoint(tmp_path / "clean" / "train.pt")["training"]["losses"]
+    losses = load_checkpoint(tmp_path / "clean" / "train.pt")["training"]["history"]["loss"]
     assert sum(losses[-50:]) < 0.7 * sum(losses[:50])
 
 
@@ -137,8 +138,10 @@ def test_corruption_aware_baselines_beat_the_naive_prior(tmp_path, method, task,
     learned = fit(observations, tmp_path / method, method=method, **options()).metrics[-1]
     naive = fit(observations, tmp_path / "naive", method="naive", **options()).metrics[-1]
     assert learned["sinkhorn"] < ratio * naive["sinkhorn"], (learned["sinkhorn"], naive["sinkhorn"])
-    losses = load_checkpoint(tmp_path / method / "train.pt")["training"]["losses"]
-    assert sum(losses[-50:]) < sum(losses[:50])
+    losses = load_checkpoint(tmp_path / method / "train.pt")["training"]["history"]["loss"]
+    # medians: SURE's one-probe divergence makes single losses heavy-tailed (the sum of 50 swings
+    # from -2 to 45 between seeds; the median falls from about 0.9 to 0.5 on every seed tried)
+    assert statistics.median(losses[-50:]) < statistics.median(losses[:50])
     # a prior learned from noisy data is sampled through its wrapper wherever the run is loaded
     from cleanprior.runs.prior import load_run_prior
 
@@ -209,5 +212,5 @@ def test_emdiffusion_grown_on_resume_equals_one_run_and_its_start_loss_decreases
     a = load_checkpoint(tmp_path / "once" / "rounds" / "02" / "train.pt")
     b = load_checkpoint(tmp_path / "twice" / "rounds" / "02" / "train.pt")
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
-    losses = load_checkpoint(tmp_path / "once" / "init.pt")["training"]["losses"]
+    losses = load_checkpoint(tmp_path / "once" / "init.pt")["training"]["history"]["loss"]
     assert sum(losses[-10:]) < sum(losses[:10])

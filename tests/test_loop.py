@@ -135,26 +135,30 @@ def test_an_option_added_later_resumes_at_its_default(tmp_path) -> None:
         _run(Options(steps=10, batch=8), torch.Generator(), checkpoint=path, resume=True)
 
 
-def test_non_finite_loss_saves_the_last_good_state(tmp_path) -> None:
+def test_non_finite_loss_keeps_the_last_good_checkpoint(tmp_path) -> None:
+    """A NaN loss at step 3 is found at the read before the checkpoint of step 4: the file keeps
+    step 2's finite weights, and resuming from it goes on."""
     path = tmp_path / "train.pt"
+    torch.manual_seed(0)
     network = nn.Linear(2, 1)
+    poison = {3}
 
     def loss(step: int) -> dict[str, Tensor]:
         value = network(torch.ones(1, 2)).sum() ** 2
-        return {"loss": value * (math.nan if step == 3 else 1.0)}
+        return {"loss": value * (math.nan if step in poison else 1.0)}
 
+    options = Options(steps=10, checkpoint_every=2)
     with pytest.raises(FloatingPointError, match="step 3"):
-        train_network(
-            network,
-            loss,
-            Options(steps=10),
-            kind="nan",
-            generator=torch.Generator(),
-            checkpoint=path,
-            progress=False,
-        )
-    state = load_checkpoint(path, keys=("training",))
-    assert state["training"]["step"] == 3 and len(state["training"]["history"]["loss"]) == 3
+        train_network(network, loss, options, kind="nan", generator=torch.Generator(), checkpoint=path,
+                      progress=False)
+    assert not torch.isfinite(network.weight).all()
+    state = load_checkpoint(path, keys=("training", "state_dict"))
+    assert state["training"]["step"] == 2 and len(state["training"]["history"]["loss"]) == 2
+    assert torch.isfinite(state["state_dict"]["weight"]).all()
+    poison.clear()
+    _, history = train_network(network, loss, options, kind="nan", generator=torch.Generator(), checkpoint=path,
+                               resume=True, progress=False)
+    assert len(history["loss"]) == 10 and all(math.isfinite(v) for v in history["loss"])
 
 
 def test_checks() -> None:

@@ -89,12 +89,17 @@ def test_trained_mlp_reproduces_a_mixture_far_better_than_a_gaussian():
     assert sw < 0.4 * gaussian_sw, (sw, gaussian_sw)
 
 
-def test_resume_continues_exactly(tmp_path):
-    """A run stopped at a checkpoint and resumed ends with the same weights as one uninterrupted run."""
-    data = torch.randn(256, 3)
-    config = TrainConfig(steps=20, batch_size=32, checkpoint_every=5, progress=False, ema_decay=0.9)
-    full = train(small_denoiser(3), data, config, generator=torch.Generator().manual_seed(0),
-                 checkpoint=tmp_path / "full.pt")
+def test_resume_continues_exactly(tmp_path, device):
+    """A run stopped between checkpoints and resumed ends with the same weights as one uninterrupted
+    run, with its minibatches, levels and noise drawn on the training device."""
+    data = torch.randn(256, 3, device=device)
+    config = TrainConfig(steps=20, batch_size=32, checkpoint_every=5, log_every=3, progress=False, ema_decay=0.9)
+
+    def run(seed: int, path: str, **kwargs):
+        return train(small_denoiser(3, seed=seed).to(device), data, config,
+                     generator=torch.Generator(device).manual_seed(0), checkpoint=tmp_path / path, **kwargs)
+
+    full = run(0, "full.pt")
 
     class Stop(Exception):
         pass
@@ -104,17 +109,29 @@ def test_resume_continues_exactly(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        train(small_denoiser(3), data, config, generator=torch.Generator().manual_seed(0),
-              checkpoint=tmp_path / "run.pt", callback=kill_at_12)
+        run(0, "run.pt", callback=kill_at_12)
     assert load_denoiser(tmp_path / "run.pt").metadata["step"] == 10
-    resumed = train(small_denoiser(3, seed=123), data, config, generator=torch.Generator().manual_seed(42),
-                    checkpoint=tmp_path / "run.pt", resume=True)
+    resumed = run(123, "run.pt", resume=True)
     assert resumed.losses == full.losses
     for a, b in zip(resumed.denoiser.state_dict().values(), full.denoiser.state_dict().values()):
         assert torch.equal(a, b)
-    saved = load_denoiser(tmp_path / "run.pt")
-    x = torch.randn(4, 3)
+    saved = load_denoiser(tmp_path / "run.pt", device=device)
+    x = torch.randn(4, 3, device=device)
     assert torch.equal(saved(x, 0.3), full.denoiser(x, 0.3))
+
+
+def test_non_finite_training_keeps_the_last_good_checkpoint(tmp_path, device):
+    """A learning rate that blows the weights up stops the run at a read with the checkpoint of the
+    last good state in place (finite weights), never the weights that produced the failure."""
+    data = torch.randn(128, 3, device=device)
+    config = TrainConfig(steps=40, batch_size=16, checkpoint_every=4, log_every=2, progress=False, lr=3e6,
+                         clip=0, lr_schedule="constant", warmup=40)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        train(small_denoiser(3).to(device), data, config, generator=torch.Generator(device).manual_seed(0),
+              checkpoint=tmp_path / "run.pt")
+    saved = load_denoiser(tmp_path / "run.pt")
+    assert 0 < saved.metadata["step"] < 40
+    assert all(torch.isfinite(v).all() for v in saved.state_dict().values())
 
 
 def test_ema_tracks_the_weights():
@@ -181,12 +198,13 @@ def test_a_custom_loss_replaces_denoising_score_matching():
     The loss regresses ``D(x + sigma eps, sigma)`` onto ``x + 1``: its minimiser is
     ``E[x | x_t] + 1``; at a low noise level ``E[x | x_t]`` is ``x_t`` up to ``sigma^2``, so the
     trained denoiser must output about ``x_t + 1``, which plain score matching never would.
-    The loss also sees the rows' indices and a generator of its own.
+    The loss also sees the rows' indices and the run's generator on the training device (on one
+    process; under torchrun a per-step one), whose draws move on from step to step.
     """
     seen = []
 
     def shifted(denoiser, x, sigma, noise, index, generator):
-        seen.append((index.clone(), generator.initial_seed()))
+        seen.append((index.clone(), generator.device.type))
         target = x + 1
         error = denoiser(x + sigma[:, None] * noise, sigma) - target
         return error.pow(2).mean(1) / sigma**2
@@ -200,4 +218,5 @@ def test_a_custom_loss_replaces_denoising_score_matching():
         out = result.denoiser(x, torch.full((256,), 0.05))
     assert (out - x - 1).abs().mean() < 0.1
     assert all(len(i) == 64 and i.max() < 512 for i, _ in seen)
-    assert len({s for _, s in seen}) == len(seen)  # a fresh generator every step
+    assert {d for _, d in seen} == {"cpu"}
+    assert len({tuple(i.tolist()) for i, _ in seen}) == len(seen)  # the draws move on every step

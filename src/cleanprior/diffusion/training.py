@@ -37,6 +37,7 @@ from torch import Tensor
 from cleanprior.diffusion.denoiser import expand_sigma
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN, ExponentialSchedule
+from cleanprior.training.loop import Update, device_generator, optimize
 
 __all__ = [
     "TrainConfig", "TrainResult", "TrainingLoss", "dsm_loss", "dsm_weight", "ema_update", "sample_sigma", "train",
@@ -65,9 +66,13 @@ class TrainConfig:
         t_beta: Second Beta parameter for ``"schedule"``.
         sigma_min: Smallest level for ``"schedule"``.
         sigma_max: Largest level for ``"schedule"``.
-        amp: bfloat16 autocast for the forward pass (faster on recent GPUs, much slower on
-            CPUs without native bf16).
+        amp: bfloat16 autocast for the forward pass: None (the default) turns it on for CUDA
+            devices and off elsewhere (much slower on CPUs without native bf16).
+        compile: Compile the denoiser with ``torch.compile`` for training (pays on GPUs after
+            a compilation of tens of seconds).
         checkpoint_every: Steps between checkpoints (when a checkpoint path is given).
+        log_every: Steps between reads of the losses on the host (the only synchronisations of
+            a step; the non-finite check acts there).
         progress: Show a progress bar with the loss.
     """
 
@@ -86,12 +91,14 @@ class TrainConfig:
     t_beta: float = 1.0
     sigma_min: float = SIGMA_MIN
     sigma_max: float = SIGMA_MAX
-    amp: bool = False
+    amp: bool | None = None
+    compile: bool = False
     checkpoint_every: int = 1000
+    log_every: int = 50
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "checkpoint_every"):
+        for name in ("steps", "batch_size", "checkpoint_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -104,6 +111,10 @@ class TrainConfig:
             raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}")
         if self.warmup < 0 or self.clip < 0:
             raise ValueError("warmup and clip must be non-negative")
+
+    def autocast(self, device: torch.device) -> bool:
+        """Whether training on ``device`` runs in bfloat16 autocast (``amp``, or CUDA when unset)."""
+        return device.type == "cuda" if self.amp is None else bool(self.amp)
 
     def lr_factor(self, step: int) -> float:
         """The learning-rate multiplier at ``step`` (0-based)."""
@@ -214,7 +225,8 @@ class TrainingLoss(Protocol):
             noise: Standard normal noise, shape ``(B, *shape)``.
             index: The rows' indices into the training data, shape ``(B,)`` (for per-item
                 side information such as masks).
-            generator: The step's own generator (on the training device), for further draws.
+            generator: The generator to draw further randomness from (on the training device;
+                the run's own, or a per-step one under ``torchrun``).
 
         Returns:
             The per-sample loss, shape ``(B,)``.
@@ -251,6 +263,28 @@ def ema_update(ema: PreconditionedDenoiser, model: PreconditionedDenoiser, decay
             e.copy_(b)
 
 
+def _on_device(data: Tensor, device: torch.device) -> Tensor:
+    """``data`` on the training device when it fits in a quarter of the free memory, else as it is."""
+    if data.device == device or device.type != "cuda":
+        return data.to(device)
+    free, _ = torch.cuda.mem_get_info(device)
+    return data.to(device) if data.numel() * data.element_size() < free // 4 else data
+
+
+def _resume_state(training: dict[str, Any]) -> dict[str, Any]:
+    """The loop's state from a checkpoint's ``training`` entry (also the layout before the one loop)."""
+    if "models" in training:
+        return training
+    return {
+        "step": training["step"],
+        "history": {"loss": list(training["losses"])},
+        "generator": training["generator"],
+        "models": {"loss": training["model"]},
+        "emas": {},
+        "optimizers": {"loss": training["optimizer"]},
+    }
+
+
 def train(
     denoiser: PreconditionedDenoiser,
     data: Tensor,
@@ -266,18 +300,26 @@ def train(
 ) -> TrainResult:
     r"""Train a denoiser on clean samples by denoising score matching (or another loss).
 
+    Each step draws a minibatch of rows, their levels :math:`\sigma` and noise :math:`\epsilon`
+    on the training device, and descends the mean loss in the one training loop
+    (:func:`cleanprior.training.optimize`: schedule, clipping, EMA, checkpoints, the non-finite
+    check, no host synchronisation inside a step).
+
     Arguments:
         denoiser: The denoiser to train, in place (its device is the training device).
-        data: Clean samples, shape ``(N, *shape)``, kept on its device; minibatches are moved.
+        data: Clean samples, shape ``(N, *shape)``; moved to the training device when it fits
+            (a quarter of a GPU's free memory), else minibatches are moved.
         config: The options (defaults of :class:`TrainConfig` when omitted).
-        generator: The source of minibatches, noise levels and noise (a CPU generator; one is
-            seeded from torch's default generator when omitted).
+        generator: The source of minibatches, noise levels and noise: a generator on the
+            training device is used as it is, any other seeds one there (one is seeded from
+            torch's default generator when omitted). Its state is checkpointed.
         checkpoint: A file to write every ``config.checkpoint_every`` steps and at the end; it
             holds the EMA denoiser (loadable by :func:`~cleanprior.runs.checkpoint.load_denoiser`)
             and what resumes training.
         resume: Continue from ``checkpoint`` if it exists (same data and options expected).
         metadata: Recorded in the checkpoint (e.g. what the data is).
-        callback: Called as ``callback(step, loss)`` after every step.
+        callback: Called as ``callback(step, loss)`` for every step, at the loop's reads (every
+            ``config.log_every`` steps).
         loss: The per-sample loss, :func:`dsm_loss` when omitted. Methods that learn from
             corrupted data (AmbientDiffusion, SURE-based score matching) put their own here; each
             step it gets a generator of its own, seeded from ``generator``, for the randomness it
@@ -298,6 +340,8 @@ def train(
 
     Raises:
         ValueError: If ``data`` is empty, has non-finite values, or does not fit the denoiser.
+        FloatingPointError: If the loss or the weights become non-finite (the checkpoint keeps
+            the last good state).
     """
     from cleanprior import distributed
     from cleanprior.runs.checkpoint import load_checkpoint, save_denoiser
@@ -308,39 +352,20 @@ def train(
     if not torch.isfinite(data).all():
         raise ValueError("training data contain NaN or infinite values")
     device = next(denoiser.parameters()).device
-    if generator is None:
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,)).item()))
-    if generator.device.type != "cpu":
-        raise ValueError("train takes a CPU generator (it draws minibatch indices)")
     end = config.steps if until is None else int(until)
     if not 0 <= end <= config.steps:
         raise ValueError(f"until must lie in [0, config.steps = {config.steps}], got {until}")
-    if config.amp and device.type == "cpu":
+    amp = config.autocast(device)
+    if amp and device.type == "cpu":
         warnings.warn(
             "amp=True on a CPU: bfloat16 convolutions fall back to slow kernels on CPUs without native "
             "bf16 (13x slower than float32 in benchmarks/RESULTS.md); amp pays on GPUs",
             stacklevel=2,
         )
-
     world, rank = distributed.world_size(), distributed.rank()
     if config.batch_size < world:
         raise ValueError(f"batch_size {config.batch_size} is smaller than the {world} processes sharing it")
-    ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
-    optimizer = torch.optim.AdamW(denoiser.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    losses: list[float] = []
-    start = 0
-    path = pathlib.Path(checkpoint) if checkpoint is not None else None
-    if resume and path is not None and path.exists():
-        state = load_checkpoint(path, map_location=device)
-        training = state.get("training")
-        if training is None:
-            raise ValueError(f"{path} holds no training state to resume from")
-        denoiser.load_state_dict(training["model"])
-        ema.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(training["optimizer"])
-        generator.set_state(training["generator"])
-        losses = list(training["losses"])
-        start = int(training["step"])
+    generator = device_generator(generator, device)
 
     with torch.no_grad():
         denoiser.eval()
@@ -348,68 +373,63 @@ def train(
     if probe.shape != data[:1].shape:
         raise ValueError(f"the denoiser maps a sample of shape {tuple(data.shape[1:])} to {tuple(probe.shape[1:])}")
 
-    def save(step: int) -> None:
-        if path is None or not distributed.is_main():
-            return
-        save_denoiser(
-            path,
-            ema,
-            metadata={**(metadata or {}), "config": dataclasses.asdict(config), "step": step},
-            training={
-                "model": {k: v.detach().cpu() for k, v in denoiser.state_dict().items()},
-                "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(),
-                "losses": losses,
-                "step": step,
-            },
-        )
+    ema = copy.deepcopy(denoiser).eval().requires_grad_(False)
+    path = pathlib.Path(checkpoint) if checkpoint is not None else None
+    state = None
+    if resume and path is not None and path.exists():
+        saved = load_checkpoint(path, map_location=device)
+        if saved.get("training") is None:
+            raise ValueError(f"{path} holds no training state to resume from")
+        state = _resume_state(saved["training"])
+        if state["generator"].numel() != generator.get_state().numel():
+            raise ValueError(f"{path} was trained with its draws on another kind of device; resume it there")
+        state["emas"] = {"loss": saved["state_dict"]}
 
-    steps = range(start, end)
-    bar = None
-    if config.progress:
-        from tqdm.auto import tqdm
+    data = _on_device(data, device)
+    model = torch.compile(denoiser) if config.compile else denoiser
+    rows = slice(rank, None, world)
+    shape = (config.batch_size, *data.shape[1:])
 
-        bar = tqdm(steps, desc="training", unit="step", initial=start, total=config.steps, dynamic_ncols=True)
-        steps = bar
-    denoiser.train()
-    for step in steps:
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * config.lr_factor(step)
+    def step_loss(step: int, repeat: int) -> Tensor:
         # every rank draws the whole minibatch from the same generator and trains on its rows
-        index = torch.randint(data.shape[0], (config.batch_size,), generator=generator)
-        sigma = sample_sigma(config, config.batch_size, generator)
-        eps = torch.randn((config.batch_size, *data.shape[1:]), generator=generator, dtype=data.dtype)
-        rows = slice(rank, None, world)
-        x = data[index[rows]].to(device, non_blocking=True)
-        # a loss's own randomness comes from a per-step generator, so that the shared generator
-        # stays in step across ranks whatever the loss draws
-        own = None if loss is None else torch.Generator(device=device).manual_seed(
-            int(torch.randint(2**62, (), generator=generator)) + rank)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.amp):
-            if loss is None:
-                per_sample = dsm_loss(denoiser, x, sigma[rows].to(device), noise=eps[rows].to(device))
-            else:
-                per_sample = loss(denoiser, x, sigma[rows].to(device), eps[rows].to(device), index[rows], own)
-            share = per_sample.sum() / config.batch_size
-        value = distributed.all_reduce_sum(share.detach().clone())
-        if not torch.isfinite(value):
-            save(step)
-            raise FloatingPointError(f"the training loss became non-finite at step {step}; the last good state is saved")
-        optimizer.zero_grad(set_to_none=True)
-        share.backward()
-        distributed.all_reduce_gradients(denoiser)
-        if config.clip > 0:
-            torch.nn.utils.clip_grad_norm_(denoiser.parameters(), config.clip)
-        optimizer.step()
-        ema_update(ema, denoiser, config.ema_decay)
-        losses.append(value.item())
-        if bar is not None and step % 10 == 0:
-            bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        if callback is not None:
-            callback(step, losses[-1])
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < end:
-            save(step + 1)
-    denoiser.eval()
-    save(max(start, end))
-    distributed.barrier()
-    return TrainResult(ema, losses)
+        index = torch.randint(data.shape[0], (config.batch_size,), generator=generator, device=generator.device)
+        sigma = sample_sigma(config, config.batch_size, generator, device)
+        eps = torch.randn(shape, generator=generator, device=device, dtype=data.dtype)
+        x = data[index[rows].to(data.device)].to(device, non_blocking=True)
+        if loss is None:
+            per_sample = dsm_loss(model, x, sigma[rows], noise=eps[rows])
+        else:
+            own = generator
+            if world > 1:
+                # the loss's own randomness comes from a per-step generator, so that the shared
+                # generator stays in step across ranks whatever the loss draws (its seed costs
+                # a host synchronisation, as the gradients' all-reduce does anyway)
+                seed = int(torch.randint(2**62, (), generator=generator, device=device))
+                own = torch.Generator(device=device).manual_seed(seed + rank)
+            per_sample = loss(model, x, sigma[rows], eps[rows], index[rows], own)
+        return per_sample.sum() / config.batch_size
+
+    def save(current: dict[str, Any]) -> None:
+        if path is not None:
+            save_denoiser(
+                path,
+                ema,
+                metadata={**(metadata or {}), "config": dataclasses.asdict(config), "step": current["step"]},
+                training=current,
+            )
+
+    trained = optimize(
+        [Update("loss", denoiser, step_loss, config.lr, config.weight_decay, config.clip, ema, config.ema_decay)],
+        steps=config.steps,
+        generator=generator,
+        until=end,
+        lr_factor=config.lr_factor,
+        amp=amp,
+        log_every=config.log_every,
+        checkpoint_every=config.checkpoint_every,
+        state=state,
+        save=save,
+        progress=config.progress,
+        callback=callback,
+    )
+    return TrainResult(ema, trained.history.get("loss", []))

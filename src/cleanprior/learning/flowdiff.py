@@ -78,10 +78,11 @@ from cleanprior.data.files import Observations
 from cleanprior.diffusion.denoiser import Denoiser, expand_sigma
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN
-from cleanprior.diffusion.training import TrainConfig, dsm_loss, ema_update, sample_sigma
+from cleanprior.diffusion.training import TrainConfig, dsm_loss, sample_sigma
 from cleanprior.learning.rounds import round_generator
 from cleanprior.nn.flow import ConditionalFlow
 from cleanprior.operators.base import Operator, as_operator
+from cleanprior.training.loop import Update, optimize
 
 __all__ = ["FlowDiff", "FlowDiffConfig", "FlowDiffMethod", "condition", "flowdiff_loss", "make_flow",
            "score_matching_bound"]
@@ -340,14 +341,8 @@ def flowdiff_loss(
     return data + bound + log_q
 
 
-def _adam(parameters: Any, lr: float) -> torch.optim.Adam:
-    # the multi-tensor update: the flow has many small parameters, and the per-tensor loop costs
-    # more than the arithmetic on a CPU
-    return torch.optim.Adam(parameters, lr=lr, foreach=True)
-
-
 class FlowDiff:
-    r"""A conditional flow and a diffusion prior, with their optimisers, the prior's EMA and the step.
+    r"""A conditional flow and a diffusion prior, trained by alternating updates in the one training loop.
 
     Training runs in chunks (:meth:`run` up to a step), resumes exactly from :meth:`state_dict`,
     and every draw of step :math:`s` comes from generators seeded by ``(config.seed, s)``, so a run
@@ -364,6 +359,8 @@ class FlowDiff:
         flow: The flow (reset in place: references stay valid).
         prior: The prior being trained (reset in place).
         ema: The prior's EMA, or None for a fixed prior.
+        optimizers: The states of the flow's and the prior's AdamW (the one training loop's), or
+            None for a fresh one (after a reset).
         step: Steps done.
         resets: ``(step, "flow" | "prior")`` for every reset, in order.
         losses: ``{"flow": [...], "prior": [...]}``, one mean per step: the flow's loss in nats
@@ -401,9 +398,8 @@ class FlowDiff:
         self.prior = prior
         self.ema: PreconditionedDenoiser | None = (
             copy.deepcopy(prior).eval().requires_grad_(False) if self.trains_prior else None)
-        self.flow_optimizer = _adam(flow.parameters(), self.config.flow_lr)
-        self.prior_optimizer = (_adam(prior.parameters(), self.config.prior_lr)
-                                if self.trains_prior else None)
+        # the optimisers live in the one training loop; their states are kept between runs here
+        self.optimizers: dict[str, dict[str, Any] | None] = {"flow": None, "prior": None}
         self._noise_law = TrainConfig(noise="lognormal", p_mean=self.config.p_mean, p_std=self.config.p_std,
                                       progress=False)
         self.step = 0
@@ -431,7 +427,7 @@ class FlowDiff:
             torch.manual_seed(self._fresh_seed(_FLOW_RESET))
             fresh = type(self.flow)(**self.flow.config)
         self.flow.load_state_dict(fresh.state_dict())
-        self.flow_optimizer = _adam(self.flow.parameters(), self.config.flow_lr)
+        self.optimizers["flow"] = None
         self.resets.append((self.step, "flow"))
 
     def reset_prior(self) -> None:
@@ -448,7 +444,7 @@ class FlowDiff:
             fresh = type(network)(**network.config).state_dict()
         self.prior.network.load_state_dict(fresh)
         self.ema.network.load_state_dict(fresh)
-        self.prior_optimizer = _adam(self.prior.parameters(), self.config.prior_lr)
+        self.optimizers["prior"] = None
         self.resets.append((self.step, "prior"))
 
     def _check(self, observations: Observations) -> Observations:
@@ -476,7 +472,8 @@ class FlowDiff:
         batch = observations.subset(index)
         return batch, condition(batch.operator, batch.y, self.flow.shape)
 
-    def _flow_step(self, observations: Observations) -> float:
+    def _flow_loss(self, observations: Observations) -> Tensor:
+        """The flow's loss at the current step, in nats per dimension (a scalar)."""
         config = self.config
         batch, c = self._minibatch(observations, round_generator(config.seed, _FLOW_BATCH, self.step))
         draws = round_generator(config.seed, _FLOW_DRAWS, self.step, device=self.device)
@@ -486,19 +483,10 @@ class FlowDiff:
                              levels=config.bound_levels, sigma_min=config.sigma_min, sigma_max=config.sigma_max,
                              path_gradient=config.path_gradient, generator=draws)
         # per dimension, so that the clipping threshold means the same at every image size
-        mean = loss.mean() / self.flow.features
-        if not torch.isfinite(mean):
-            raise FloatingPointError(f"the flow loss became non-finite at step {self.step}")
-        parameters = list(self.flow.parameters())
-        self.flow_optimizer.zero_grad(set_to_none=True)
-        # only the flow's gradients: the prior is fixed during the flow step
-        mean.backward(inputs=parameters)
-        if config.clip > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, config.clip)
-        self.flow_optimizer.step()
-        return mean.item()
+        return loss.mean() / self.flow.features
 
-    def _prior_step(self, observations: Observations, repeat: int) -> float:
+    def _prior_loss(self, observations: Observations, repeat: int) -> Tensor:
+        """The prior's denoising loss on fresh flow samples at the current step (a scalar)."""
         config = self.config
         picks = round_generator(config.seed, _PRIOR_BATCH, self.step, repeat)
         _, c = self._minibatch(observations, picks)
@@ -506,17 +494,7 @@ class FlowDiff:
         with torch.no_grad():
             x, _ = self.flow.sample(c, draws)
         sigma = sample_sigma(self._noise_law, config.batch_size, picks).to(self.device, x.dtype)
-        self.prior.train()
-        loss = dsm_loss(self.prior, x, sigma, generator=draws).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"the prior loss became non-finite at step {self.step}")
-        self.prior_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if config.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.prior.parameters(), config.clip)
-        self.prior_optimizer.step()
-        ema_update(self.ema, self.prior, config.ema_decay)
-        return loss.item()
+        return dsm_loss(self.prior, x, sigma, generator=draws).mean()
 
     def run(
         self,
@@ -524,7 +502,8 @@ class FlowDiff:
         steps_to: int | None = None,
         *,
         progress: bool = False,
-        callback: Callable[[int, dict[str, float]], None] | None = None,
+        save: Callable[[], None] | None = None,
+        checkpoint_every: int | None = None,
     ) -> None:
         """Train until the step counter reaches ``steps_to``.
 
@@ -536,13 +515,16 @@ class FlowDiff:
             steps_to: The step to stop at (``config.steps`` when omitted); at or below the current
                 step, nothing is done.
             progress: Show a progress bar with the losses.
-            callback: Called as ``callback(step, {"flow": ..., "prior": ...})`` after every step.
+            save: Called every ``checkpoint_every`` steps and at the end, with this object's state
+                (:meth:`state_dict`) at that step and its losses read finite (a checkpoint).
+            checkpoint_every: Steps between calls of ``save`` (only at the end when omitted).
 
         Raises:
             TypeError: If the observations' operator is not linear.
             ValueError: If the observations do not fit the flow and the prior, or their noise is
                 not Gaussian with a positive level.
-            FloatingPointError: If a loss becomes non-finite.
+            FloatingPointError: If a loss or the weights become non-finite (found at the training
+                loop's reads; ``save`` is not called after it).
         """
         steps_to = self.config.steps if steps_to is None else steps_to
         if isinstance(steps_to, bool) or not isinstance(steps_to, int) or steps_to < 0:
@@ -550,32 +532,44 @@ class FlowDiff:
         if steps_to <= self.step:
             return
         observations = self._check(observations)
-        steps = range(self.step, steps_to)
-        bar = None
-        if progress:
-            from tqdm.auto import tqdm
+        config = self.config
+        updates = [Update("flow", self.flow, lambda step, repeat: self._flow_loss(observations), config.flow_lr,
+                          clip=config.clip)]
+        if self.trains_prior:
+            updates.append(Update("prior", self.prior, lambda step, repeat: self._prior_loss(observations, repeat),
+                                  config.prior_lr, clip=config.clip, ema=self.ema, ema_decay=config.ema_decay,
+                                  repeats=config.prior_steps_per_flow_step))
 
-            bar = tqdm(steps, desc="flowdiff", unit="step", initial=self.step, total=steps_to, dynamic_ncols=True)
-        self.flow.train()
-        for _ in steps:
-            if self.config.reset_flow_every and self.step > 0 and self.step % self.config.reset_flow_every == 0:
+        def before_step(step: int) -> list[str]:
+            self.step = step
+            fresh = []
+            if config.reset_flow_every and step > 0 and step % config.reset_flow_every == 0:
                 self.reset_flow()
-            if self.config.reset_prior_every and self.step > 0 and self.step % self.config.reset_prior_every == 0:
+                fresh.append("flow")
+            if config.reset_prior_every and step > 0 and step % config.reset_prior_every == 0:
                 self.reset_prior()
-            flow_loss = self._flow_step(observations)
-            prior_losses = [self._prior_step(observations, j) for j in range(self.config.prior_steps_per_flow_step)]
-            prior_loss = sum(prior_losses) / len(prior_losses) if prior_losses else float("nan")
-            self.losses["flow"].append(flow_loss)
-            self.losses["prior"].append(prior_loss)
-            self.step += 1
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(flow=f"{flow_loss:.3f}", prior=f"{prior_loss:.4f}")
-            if callback is not None:
-                callback(self.step, {"flow": flow_loss, "prior": prior_loss})
-        if bar is not None:
-            bar.close()
-        self.flow.eval()
+                fresh.append("prior")
+            return fresh
+
+        def absorb(state: dict[str, Any]) -> None:
+            self.step = state["step"]
+            self.optimizers = {name: state["optimizers"].get(name) for name in ("flow", "prior")}
+            flow = state["history"]["flow"]
+            self.losses = {"flow": flow, "prior": state["history"].get("prior", [math.nan] * len(flow))}
+
+        def checkpoint(state: dict[str, Any]) -> None:
+            absorb(state)
+            if save is not None:
+                save()
+
+        history = {"flow": self.losses["flow"], **({"prior": self.losses["prior"]} if self.trains_prior else {})}
+        trained = optimize(
+            updates, steps=config.steps, generator=None, until=steps_to,
+            log_every=min(50, checkpoint_every or 50), checkpoint_every=checkpoint_every or config.steps + 1,
+            state={"step": self.step, "history": history, "optimizers": dict(self.optimizers)},
+            save=checkpoint, before_step=before_step, progress=progress, desc="flowdiff",
+        )
+        absorb(trained.state)
         if isinstance(self.prior, nn.Module):
             self.prior.eval()
 
@@ -625,11 +619,11 @@ class FlowDiff:
             "resets": [list(reset) for reset in self.resets],
             "losses": {k: list(v) for k, v in self.losses.items()},
             "flow": self.flow.state_dict(),
-            "flow_optimizer": self.flow_optimizer.state_dict(),
+            "flow_optimizer": self.optimizers["flow"],
         }
         if self.trains_prior:
             state.update(prior=self.prior.state_dict(), ema=self.ema.state_dict(),
-                         prior_optimizer=self.prior_optimizer.state_dict())
+                         prior_optimizer=self.optimizers["prior"])
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -648,13 +642,11 @@ class FlowDiff:
         if state["flow_config"] != self.flow.config:
             raise ValueError(f"the state's flow {state['flow_config']} differs from this run's {self.flow.config}")
         self.flow.load_state_dict(state["flow"])
-        self.flow_optimizer = _adam(self.flow.parameters(), self.config.flow_lr)
-        self.flow_optimizer.load_state_dict(state["flow_optimizer"])
+        self.optimizers = {"flow": state["flow_optimizer"], "prior": None}
         if self.trains_prior:
             self.prior.load_state_dict(state["prior"])
             self.ema.load_state_dict(state["ema"])
-            self.prior_optimizer = _adam(self.prior.parameters(), self.config.prior_lr)
-            self.prior_optimizer.load_state_dict(state["prior_optimizer"])
+            self.optimizers["prior"] = state["prior_optimizer"]
         self.step = int(state["step"])
         self.resets = [(int(step), str(kind)) for step, kind in state["resets"]]
         self.losses = {k: list(v) for k, v in state["losses"].items()}
@@ -730,16 +722,9 @@ class FlowDiffMethod:
         from cleanprior.runs.checkpoint import save_denoiser
 
         model = self._load(context, context.run / "flowdiff.pt")
-        every = context.training.checkpoint_every
-
-        def checkpoint(step: int, losses: dict[str, float]) -> None:
-            if step % every == 0:
-                self._save(context, context.run / "flowdiff.pt")
-
-        steps = k * context.training.steps
-        model.run(context.data, steps_to=steps, progress=context.progress and distributed.is_main(),
-                  callback=checkpoint)
-        self._save(context, context.run / "flowdiff.pt")
+        model.run(context.data, steps_to=k * context.training.steps, progress=context.progress and distributed.is_main(),
+                  save=lambda: self._save(context, context.run / "flowdiff.pt"),
+                  checkpoint_every=context.training.checkpoint_every)
         context.folder(k).mkdir(parents=True, exist_ok=True)
         self._save(context, context.folder(k) / "flowdiff.pt")
         if distributed.is_main():

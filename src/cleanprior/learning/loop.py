@@ -1,13 +1,13 @@
-r"""The training loop of the single-level image-to-image networks.
+r"""The single-level image-to-image networks' use of the one training loop.
 
 SUD and SUD² (:mod:`cleanprior.learning.sud`), Noise2Score's score network
 (:mod:`cleanprior.learning.noise2score`) and the SURE denoiser (:mod:`cleanprior.learning.sure`)
 train a network without noise conditioning by descending a per-step loss with AdamW. Only the
-loss differs, so they share :func:`train_network`: the learning-rate schedule, gradient clipping,
-an optional exponential moving average of the weights, the progress bar, the atomic
-checkpoints, the refusal to resume with other options and the loss history. The diffusion
-denoisers, whose loss draws a noise level per sample, train in
-:func:`cleanprior.diffusion.training.train` instead.
+loss differs, so they share :func:`train_network`, which puts their loss into the one training
+loop (:func:`cleanprior.training.optimize`: the learning-rate schedule, gradient clipping, an
+optional exponential moving average of the weights, the progress bar, the non-finite check and
+the loss history) and adds their checkpoint layout and the refusal to resume with other
+options.
 
 A checkpoint written by :func:`train_network` holds
 
@@ -15,7 +15,7 @@ A checkpoint written by :func:`train_network` holds
 - ``network``: the class name and ``config`` (when the network has one) that rebuild it;
 - ``state_dict``: the weights to use (the moving average when ``ema_decay > 0``);
 - ``metadata``: ``config`` (the options, as a dict), ``step`` and the caller's extra entries;
-- ``training``: the trained weights, the optimiser, the generator, the history and the step.
+- ``training``: the loop's state (weights, moving average, optimiser, generator, history, step).
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
+
+from cleanprior.training.loop import Update, optimize
 
 __all__ = ["LoopConfig", "check_network", "make_generator", "train_network"]
 
@@ -170,7 +172,7 @@ def train_network(
             (atomically).
         resume: Continue from ``checkpoint`` if it exists.
         progress: Show a progress bar with the mean loss of the last 50 steps.
-        callback: Called as ``callback(step, loss)`` after every step.
+        callback: Called as ``callback(step, loss)`` for every step, at the loop's reads.
         metadata: Extra entries of the checkpoint's metadata that must equal the saved ones
             when resuming (e.g. the noise level of the data).
         postfix: More fields of the progress bar at a step.
@@ -183,103 +185,71 @@ def train_network(
     Raises:
         ValueError: If the checkpoint is of another kind or was written with other options or
             metadata.
-        FloatingPointError: If the loss becomes non-finite (the last good state is saved first).
+        FloatingPointError: If the loss or the weights become non-finite (the checkpoint keeps
+            the last good state).
     """
     from cleanprior.runs.checkpoint import load_checkpoint, save_checkpoint
 
     metadata = dict(metadata or {})
     decay = float(getattr(config, "ema_decay", 0.0))
-    schedule: Callable[[int], float] = getattr(config, "lr_factor", lambda step: 1.0)
-    device = next(network.parameters()).device
     ema = copy.deepcopy(network).eval().requires_grad_(False) if decay > 0 else None
-    optimizer = torch.optim.AdamW(
-        network.parameters(), lr=config.lr, weight_decay=config.weight_decay
+    update = Update(
+        "loss", network, lambda step, repeat: loss(step), config.lr, config.weight_decay, config.clip, ema, decay
     )
-    history: dict[str, list[float]] = {}
-    start = 0
     path = pathlib.Path(checkpoint) if checkpoint is not None else None
+    state = None
     if resume and path is not None and path.exists():
-        state = load_checkpoint(
-            path, map_location=device, keys=("kind", "state_dict", "metadata", "training")
+        saved = load_checkpoint(
+            path, map_location=next(network.parameters()).device,
+            keys=("kind", "state_dict", "metadata", "training"),
         )
-        _refuse_other_options(path, state, kind, config, metadata)
-        training = state["training"]
-        network.load_state_dict(training.get("model", state["state_dict"]))
-        if ema is not None:
-            ema.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(training["optimizer"])
-        generator.set_state(training["generator"])
-        history = {k: list(v) for k, v in training.get("history", {}).items()}
-        if "losses" in training:
-            history["loss"] = list(training["losses"])
-        start = int(training["step"])
+        _refuse_other_options(path, saved, kind, config, metadata)
+        state = _resume_state(saved)
 
-    def save(step: int) -> None:
+    def save(current: dict[str, Any]) -> None:
         if path is None:
             return
         save_checkpoint(
             path,
             {
                 "kind": kind,
-                "network": {
-                    "name": type(network).__name__,
-                    "config": getattr(network, "config", None),
-                },
-                "state_dict": {
-                    k: v.detach().cpu() for k, v in (ema or network).state_dict().items()
-                },
-                "metadata": {"config": dataclasses.asdict(config), "step": step, **metadata},
-                "training": {
-                    "model": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-                    "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(),
-                    "history": history,
-                    "step": step,
-                },
+                "network": {"name": type(network).__name__, "config": getattr(network, "config", None)},
+                "state_dict": (current["emas"] if ema is not None else current["models"])["loss"],
+                "metadata": {"config": dataclasses.asdict(config), "step": current["step"], **metadata},
+                "training": current,
             },
         )
 
-    steps: Any = range(start, config.steps)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    trained = optimize(
+        [update],
+        steps=config.steps,
+        generator=generator,
+        lr_factor=getattr(config, "lr_factor", None),
+        log_every=getattr(config, "log_every", 50),
+        checkpoint_every=config.checkpoint_every,
+        state=state,
+        save=save,
+        progress=progress,
+        desc=kind,
+        callback=callback,
+        postfix=postfix,
+    )
+    return (ema if ema is not None else network), trained.history
 
-        bar = tqdm(
-            steps, desc=kind, unit="step", initial=start, total=config.steps, dynamic_ncols=True
-        )
-        steps = bar
-    network.train()
-    for step in steps:
-        for group in optimizer.param_groups:
-            group["lr"] = config.lr * schedule(step)
-        terms = loss(step)
-        total = terms["loss"]
-        if not torch.isfinite(total):
-            save(step)
-            raise FloatingPointError(
-                f"the {kind} loss became non-finite at step {step}; the last good state is saved"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        total.backward()
-        if config.clip > 0:
-            nn.utils.clip_grad_norm_(network.parameters(), config.clip)
-        optimizer.step()
-        if ema is not None:
-            with torch.no_grad():
-                for e, p in zip(ema.parameters(), network.parameters(), strict=True):
-                    e.lerp_(p, 1 - decay)
-                for e, b in zip(ema.buffers(), network.buffers(), strict=True):
-                    e.copy_(b)
-        for key, value in terms.items():
-            history.setdefault(key, []).append(float(value.detach()))
-        if bar is not None and step % 10 == 0:
-            recent = history["loss"][-50:]
-            extra = postfix(step) if postfix is not None else {}
-            bar.set_postfix(loss=f"{sum(recent) / len(recent):.4g}", **extra)
-        if callback is not None:
-            callback(step, history["loss"][-1])
-        if (step + 1) % config.checkpoint_every == 0 and step + 1 < config.steps:
-            save(step + 1)
-    network.eval()
-    save(config.steps)
-    return (ema if ema is not None else network), history
+
+def _resume_state(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """The loop's state from a checkpoint (also of the layouts before the one loop)."""
+    training = saved["training"]
+    if "models" in training:
+        return dict(training)
+    history = {k: list(v) for k, v in training.get("history", {}).items()}
+    if "losses" in training:
+        history["loss"] = list(training["losses"])
+    return {
+        "step": training["step"],
+        "history": history,
+        "generator": training["generator"],
+        "models": {"loss": training.get("model", saved["state_dict"])},
+        "emas": {"loss": saved["state_dict"]},
+        "optimizers": {"loss": training["optimizer"]},
+    }
