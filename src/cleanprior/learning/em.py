@@ -445,7 +445,7 @@ def fit_em(
     config: EMConfig | None = None,
     training: TrainConfig | None = None,
     evaluation: EvalConfig | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     resume: bool = False,
     progress: bool = True,
     description: str = "",
@@ -461,7 +461,8 @@ def fit_em(
         config: The rounds' options.
         training: The M-step's options (each round trains ``training.steps`` steps).
         evaluation: What is measured and drawn after every round.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (under ``torchrun``, each rank its GPU).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (under ``torchrun``,
+            each rank its GPU).
         resume: Continue the run in ``run`` (its configuration must match, except ``rounds``,
             which may grow).
         progress: Show progress bars.
