@@ -118,7 +118,9 @@ def build_parser() -> Any:
     reconstruct.add_argument("--sampler", default="ddpm", help="ddim, ddpm, heun or pc")
     reconstruct.add_argument("--solver", default="gmres", help="Krylov solver of MMPS-like methods")
     reconstruct.add_argument("--iterations", type=int, default=1, help="its iterations")
-    reconstruct.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="observations per batch")
+    reconstruct.add_argument("--batch-size", dest="batch_size", type=int, default=0,
+                             help="observations per batch (0: from the device: 64 on the CPU, on a GPU what half "
+                                  "its free memory holds)")
     reconstruct.add_argument("--seed", type=int, default=0, help="seed of the sampler")
     reconstruct.add_argument("--device", default="auto", help=DEVICE_HELP)
     commands.add_subcommand("reconstruct", reconstruct, help="posterior samples for observations")

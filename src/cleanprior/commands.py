@@ -144,6 +144,10 @@ def sample(
     print(f"wrote {path}")
 
 
+RECONSTRUCT_CPU_BATCH = 64
+"""Observations per batch of ``reconstruct`` on the CPU (each carries ``samples`` samples)."""
+
+
 def reconstruct(
     run: str,
     observations: str,
@@ -154,14 +158,15 @@ def reconstruct(
     sampler: str = "ddpm",
     solver: str = "gmres",
     iterations: int = 1,
-    batch_size: int = 64,
+    batch_size: int = 0,
     seed: int = 0,
     device: str = "auto",
 ) -> None:
     """Posterior samples of a run's prior for every observation of a file.
 
     Writes ``x`` (shape ``(N, S, *shape)``), their ``mean`` and pixel-wise ``std`` (``(N,
-    *shape)``) to ``output``.
+    *shape)``) to ``output``. ``batch_size`` 0 chooses it from the device: :data:`RECONSTRUCT_CPU_BATCH`
+    on the CPU, on a GPU from its free memory (:func:`cleanprior.learning.em.estep_batch_size`).
     """
     from cleanprior.data.files import load_observations
     from cleanprior.learning.em import EMConfig, posterior_batches
@@ -170,6 +175,8 @@ def reconstruct(
     target = resolve_device(device)
     data = load_observations(observations, device=target)
     denoiser = load_run_prior(run, device=target)
+    if not batch_size and target.type == "cpu":
+        batch_size = RECONSTRUCT_CPU_BATCH
     config = EMConfig(posterior=method, steps=steps, sampler=sampler, solver=solver, iterations=iterations,
                       batch_size=batch_size, samples=samples, seed=seed)
     x = posterior_batches(denoiser, data, config=config, samples=samples, seed_keys=(7,), progress=True,
@@ -203,7 +210,7 @@ def evaluate(
     denoiser = load_run_prior(run, device=target)
     folder = pathlib.Path(output) if output else pathlib.Path(run) / "evaluation"
     metrics = evaluate_round(denoiser, data, folder, evaluation or EvalConfig(),
-                             EMConfig(steps=steps, seed=seed), round_index=-1, exact=False, seed=seed)
+                             EMConfig(steps=steps, seed=seed), round_index=-1, exact=False, seed=seed, device=target)
     metrics.pop("round")
     write_json(folder / "metrics.json", metrics)
     for key, value in metrics.items():

@@ -206,6 +206,10 @@ def run_rounds(
             legacy["posterior"] = legacy.pop("method")
         previous = dict(previous, em=legacy)
         previous = with_defaults(previous, defaults)
+        if config.batch_size == 0 and previous["em"].get("batch_size"):
+            # a batch size left to the device continues a run with the one it recorded
+            config = dataclasses.replace(config, batch_size=previous["em"]["batch_size"])
+            settings["em"] = dataclasses.asdict(config)
 
         def comparable(s: dict[str, Any]) -> dict[str, Any]:
             return dict(s, em={k: v for k, v in s.get("em", {}).items() if k != "rounds"}, evaluation=None, device=None)
@@ -241,7 +245,7 @@ def run_rounds(
         if distributed.is_main():
             if k == 0 or k == config.rounds or k % evaluation.every == 0:
                 row = evaluate_round(prior, context.heldout, context.folder(k), evaluation, config, round_index=k,
-                                     exact=exact, seed=config.seed)
+                                     exact=exact, seed=config.seed, device=device)
                 if not exact:
                     row.update(method.evaluate(context, k, prior))
             else:
