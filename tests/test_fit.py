@@ -214,3 +214,10 @@ def test_emdiffusion_grown_on_resume_equals_one_run_and_its_start_loss_decreases
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     losses = load_checkpoint(tmp_path / "once" / "init.pt")["training"]["losses"]
     assert sum(losses[-10:]) < sum(losses[:10])
+
+
+def test_a_run_without_held_out_observations_samples_its_prior_on_its_device(tmp_path, device):
+    """With no held-out observations the evaluation's prior samples are drawn where the prior is."""
+    result = fit(masked_manifold(256), tmp_path / "run", method="naive", **options(steps=20, heldout=0, device=device))
+    assert [row["round"] for row in result.metrics] == [1]
+    assert next(result.prior.parameters()).device.type == device.type

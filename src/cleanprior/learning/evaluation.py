@@ -77,6 +77,7 @@ def evaluate_round(
     exact: bool,
     seed: int,
     device: torch.device | None = None,
+    shape: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """Measure a prior and draw its figures.
 
@@ -94,6 +95,8 @@ def evaluate_round(
         seed: The run's seed; the same held-out draws are used every round.
         device: Where the prior computes, and so where its samples are drawn (default: the
             held-out observations' device, or the CPU without them).
+        shape: The shape of one sample (default: the held-out observations', or, without them,
+            the exact prior's).
 
     Returns:
         The round's metrics (plain floats).
@@ -106,7 +109,8 @@ def evaluate_round(
     began = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"round": round_index}
-    shape = tuple(heldout.shape) if heldout is not None else tuple(prior.shape)
+    if shape is None:
+        shape = tuple(heldout.shape) if heldout is not None else tuple(prior.shape)
     images = len(shape) == 3
     d = int(torch.tensor(shape).prod())
 

@@ -245,7 +245,7 @@ def run_rounds(
         if distributed.is_main():
             if k == 0 or k == config.rounds or k % evaluation.every == 0:
                 row = evaluate_round(prior, context.heldout, context.folder(k), evaluation, config, round_index=k,
-                                     exact=exact, seed=config.seed, device=device)
+                                     exact=exact, seed=config.seed, device=device, shape=context.shape)
                 if not exact:
                     row.update(method.evaluate(context, k, prior))
             else:
