@@ -154,13 +154,14 @@ class Operator(nn.Module):
         """The operator's name and parameters: ``operator(**parameters_dict())`` rebuilds it."""
         raise NotImplementedError(f"{type(self).__name__} cannot be saved by name")
 
-    def to(self: O, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None,
-           non_blocking: bool = False) -> O:
+    def to(self: O, device: torch.device | str | torch.dtype | None = None,  # type: ignore[override]
+           dtype: torch.dtype | None = None, non_blocking: bool = False) -> O:
         """Move every parameter tensor to ``device`` and its floating-point ones to ``dtype``, in place.
 
         Buffers, submodules (parts of a composition, a wrapped network) and plain tensor
         attributes all move; complex parameters keep being complex at ``dtype``'s precision;
-        integer ones only change device. ``A.to(torch.float64)`` also works.
+        integer ones only change device. ``A.to(torch.float64)`` also works. Tensors a wrapped
+        callable closes over (:class:`FunctionOperator`) are the callable's own and stay.
 
         Arguments:
             device: The target device (None: stay).
