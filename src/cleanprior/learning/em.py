@@ -340,7 +340,8 @@ def posterior_batches(
     # every batch's samples, stay those of the first attempt when a resumed E-step runs elsewhere
     chosen = folder / "batch_size.json" if folder is not None and not config.batch_size else None
     size = config.batch_size or (int(json.loads(chosen.read_text())["batch_size"]) if chosen and chosen.exists() else 0)
-    barrier()  # every rank has looked for the file before rank 0 may write it
+    if chosen is not None:
+        barrier()  # every rank has looked for the file before rank 0 may write it
     if not size:
         size = estep_batch_size(prior, observations, config, samples, exact=exact, options=options)
         if world > 1:  # one partition for all ranks: the smallest memory decides
