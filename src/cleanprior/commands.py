@@ -107,7 +107,7 @@ def fit(
         training: A round's :class:`~cleanprior.diffusion.training.TrainConfig`.
         evaluation: An :class:`~cleanprior.learning.em.EvalConfig`.
         flow: FlowDiff's :class:`~cleanprior.learning.flowdiff.FlowDiffConfig`.
-        device: Where to compute.
+        device: Where to compute: ``auto`` (CUDA when available, the default), ``cpu``, ``cuda``, ``cuda:N``.
         resume: Continue the run in ``output``.
         em: The fields of :class:`~cleanprior.learning.em.EMConfig`.
     """
