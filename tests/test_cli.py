@@ -8,12 +8,13 @@ from cleanprior import load_denoiser
 from cleanprior.cli import load_data, main
 
 
-def test_train_then_sample_on_vectors(tmp_path):
+def test_train_then_sample_on_vectors(tmp_path, device):
     x = np.random.default_rng(0).normal(size=(128, 3)).astype(np.float32)
     np.savez(tmp_path / "clean.npz", x=x)
     run = tmp_path / "run"
     main(["train", str(tmp_path / "clean.npz"), "-o", str(run), "--training.steps", "4", "--training.batch_size", "16",
-          "--training.progress", "false", "--network.hidden", "[16,16]", "--sampling.n", "5", "--sampling.steps", "3"])
+          "--training.progress", "false", "--network.hidden", "[16,16]", "--sampling.n", "5", "--sampling.steps", "3",
+          "--device", str(device)])
     config = json.loads((run / "config.json").read_text())
     assert config["training"]["steps"] == 4 and config["network"]["hidden"] == [16, 16]
     assert config["training"]["lr"] == 1e-3  # defaults are written out too
@@ -32,7 +33,7 @@ def test_train_then_sample_on_vectors(tmp_path):
         main(["train", str(tmp_path / "clean.npz"), "-o", str(run), "--training.steps", "8", "--training.progress", "false",
               "--network.hidden", "[16,16]", "--sampling.n", "5", "--sampling.steps", "3", "--resume", "true"])
 
-    main(["sample", str(run), "-n", "7", "--steps", "2", "-o", str(tmp_path / "more.npz")])
+    main(["sample", str(run), "-n", "7", "--steps", "2", "-o", str(tmp_path / "more.npz"), "--device", str(device)])
     assert np.load(tmp_path / "more.npz")["x"].shape == (7, 3)
 
 
@@ -74,7 +75,7 @@ def test_image_run_writes_a_sample_grid(tmp_path):
     assert load_denoiser(run / "checkpoint.pt").metadata["trained_on"] == "digits (train)"
 
 
-def test_the_commands_run_end_to_end_on_a_tiny_set(tmp_path):
+def test_the_commands_run_end_to_end_on_a_tiny_set(tmp_path, device):
     obs, run = tmp_path / "obs.npz", tmp_path / "run"
     main(["corrupt", "digits", "-o", str(obs), "--operator", "mask", "--missing", "0.5", "--noise-std", "0.05",
           "--limit", "96"])
@@ -84,24 +85,25 @@ def test_the_commands_run_end_to_end_on_a_tiny_set(tmp_path):
     main(["fit", str(obs), "-o", str(run), "--rounds", "1", "--steps", "4", "--heldout", "16", "--gaussian_rank", "4",
           "--gaussian_iterations", "2", "--network.channels", "[8,16]", "--network.blocks", "1",
           "--training.steps", "3", "--training.batch_size", "8", "--training.progress", "false",
-          "--evaluation.prior_samples", "4", "--evaluation.steps", "2"])
+          "--evaluation.prior_samples", "4", "--evaluation.steps", "2", "--device", str(device)])
     config = json.loads((run / "config.json").read_text())
     assert config["em"]["rounds"] == 1 and config["training"]["steps"] == 3
     assert "<table>" in (run / "report.html").read_text()
-    main(["sample", str(run), "-n", "3", "--steps", "2", "-o", str(tmp_path / "samples.npz")])
+    main(["sample", str(run), "-n", "3", "--steps", "2", "-o", str(tmp_path / "samples.npz"), "--device", str(device)])
     assert np.load(tmp_path / "samples.npz")["x"].shape == (3, 1, 8, 8)
-    main(["reconstruct", str(run), str(obs), "-o", str(tmp_path / "post.npz"), "--samples", "2", "--steps", "2"])
+    main(["reconstruct", str(run), str(obs), "-o", str(tmp_path / "post.npz"), "--samples", "2", "--steps", "2",
+          "--device", str(device)])
     with np.load(tmp_path / "post.npz") as post:
         assert post["x"].shape == (96, 2, 1, 8, 8) and post["std"].shape == (96, 1, 8, 8)
         assert np.isfinite(post["x"]).all()
     main(["evaluate", str(run), str(obs), "--limit", "8", "--steps", "2", "--evaluation.prior_samples", "4",
-          "--evaluation.steps", "2", "-o", str(tmp_path / "eval")])
+          "--evaluation.steps", "2", "-o", str(tmp_path / "eval"), "--device", str(device)])
     metrics = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert {"ppc", "psnr_mean", "ssim_mean"} <= set(metrics)
 
 
 @pytest.mark.parametrize("method", ["emdiffusion", "flowdiff", "ambient", "naive", "clean"])
-def test_fit_takes_every_learning_method(tmp_path, method):
+def test_fit_takes_every_learning_method(tmp_path, method, device):
     obs, run = tmp_path / "obs.npz", tmp_path / "run"
     main(["corrupt", "digits", "-o", str(obs), "--operator", "mask", "--missing", "0.5", "--limit", "64"])
     main(["corrupt", "digits", "-o", str(tmp_path / "few.npz"), "--operator", "identity", "--split", "test", "--limit", "10"])
@@ -109,7 +111,7 @@ def test_fit_takes_every_learning_method(tmp_path, method):
           "--rounds", "1", "--steps", "2", "--heldout", "8", "--zetas", "[0.3,1.0]", "--tune_observations", "4",
           "--network.channels", "[8,16]", "--network.blocks", "1", "--training.steps", "3", "--training.batch_size", "8",
           "--training.progress", "false", "--evaluation.prior_samples", "4", "--evaluation.steps", "2",
-          "--flow.hidden", "8", "--flow.layers", "1", "--flow.batch_size", "8"])
+          "--flow.hidden", "8", "--flow.layers", "1", "--flow.batch_size", "8", "--device", str(device)])
     config = json.loads((run / "config.json").read_text())
     metrics = json.loads((run / "metrics.json").read_text())
     assert config["method"] == method and metrics[-1]["round"] == 1
@@ -157,7 +159,7 @@ def test_a_bad_observation_file_leaves_an_existing_run_untouched(tmp_path):
     assert {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()} == digest
 
 
-def test_recon_and_apply_run_end_to_end(tmp_path):
+def test_recon_and_apply_run_end_to_end(tmp_path, device):
     """A SUD^2 network from 5 pairs, unpaired observations and a prior run, and a SURE denoiser from
     noisy images only; apply writes one reconstruction per observation under x."""
     obs, pairs = tmp_path / "obs.npz", tmp_path / "pairs.npz"
@@ -166,14 +168,43 @@ def test_recon_and_apply_run_end_to_end(tmp_path):
           "--limit", "5"])
     main(["train", "digits", "-o", str(tmp_path / "prior"), "--training.steps", "2", "--training.batch_size", "8",
           "--training.progress", "false", "--network.channels", "[8,16]", "--network.blocks", "1", "--sampling.n", "2",
-          "--sampling.steps", "2"])
-    small = ["--options.channels", "[8,16]", "--options.heldout", "8"]
+          "--sampling.steps", "2", "--device", str(device)])
+    small = ["--options.channels", "[8,16]", "--options.heldout", "8", "--device", str(device)]
     main(["recon", str(obs), "-o", str(tmp_path / "sud2"), "--method", "sud2", "--pairs", str(pairs), "--prior",
           str(tmp_path / "prior"), *small, "--options.sud.steps", "3", "--options.sud.sud2_steps", "2"])
     main(["recon", str(obs), "-o", str(tmp_path / "sure"), "--method", "sure", *small, "--options.sure.steps", "3"])
     for run in ("sud2", "sure"):
         config = json.loads((tmp_path / run / "config.json").read_text())
         assert config["command"] == "recon" and config["config"]["method"] == run
-        main(["apply", str(tmp_path / run), str(obs), "-o", str(tmp_path / f"{run}.npz")])
+        main(["apply", str(tmp_path / run), str(obs), "-o", str(tmp_path / f"{run}.npz"), "--device", str(device)])
         with np.load(tmp_path / f"{run}.npz") as out:
             assert out["x"].shape == (48, 1, 8, 8) and np.isfinite(out["x"]).all()
+
+
+def device_arguments(command, path):
+    """The positional arguments and output of ``command``, every file at ``path`` (which need not exist)."""
+    return {
+        "train": [path, "-o", path], "fit": [path, "-o", path], "sample": [path], "reconstruct": [path, path, "-o", path],
+        "evaluate": [path, path], "demo": ["-o", path], "recon": [path, "-o", path], "apply": [path, path, "-o", path],
+    }[command]
+
+
+DEVICE_COMMANDS = ("train", "fit", "sample", "reconstruct", "evaluate", "demo", "recon", "apply")
+
+
+@pytest.mark.parametrize("command", DEVICE_COMMANDS)
+def test_every_command_defaults_to_the_automatic_device(command):
+    from cleanprior.cli import build_parser
+
+    config = build_parser().parse_args([command, *device_arguments(command, "somewhere")])
+    assert config[command].device == "auto"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+@pytest.mark.parametrize("command", DEVICE_COMMANDS)
+def test_cuda_without_a_gpu_is_refused_before_any_work(tmp_path, command):
+    """One line naming the fix, before any file is read or written."""
+    with pytest.raises(ValueError, match=r"no CUDA GPU.*--device cpu or --device auto") as error:
+        main([command, *device_arguments(command, str(tmp_path / "missing")), "--device", "cuda"])
+    assert "\n" not in str(error.value)
+    assert list(tmp_path.iterdir()) == []

@@ -160,3 +160,46 @@ def test_a_run_folder_from_before_an_option_existed_still_resumes(tmp_path):
     path.write_text(json.dumps(saved))
     with pytest.raises(ValueError, match="em configuration differs"):
         fit_em(observations, tmp_path / "run", resume=True, **options)
+
+
+def test_a_batch_size_left_to_the_device_keeps_the_cpus_batches_and_its_first_choice(tmp_path):
+    """EMConfig.batch_size = 0: on the CPU, batches of 256 observations as before; a size recorded
+    beside an E-step's batches (a GPU's choice) is the one a resumed E-step uses, since each batch
+    has its own generator; a run recorded with a size resumes under the automatic default with it."""
+    from cleanprior.learning.em import posterior_batches
+    from cleanprior.learning.gaussian import GaussianPrior
+
+    observations, _ = manifold_observations(300)
+    prior = GaussianPrior.standard((5,))
+
+    def draw(batch_size, folder=None):
+        return posterior_batches(prior, observations, config=EMConfig(batch_size=batch_size), samples=2,
+                                 seed_keys=(3, 1), folder=folder, exact=True, distribute=False)
+
+    assert torch.equal(draw(0), draw(256))
+    assert not torch.equal(draw(0), draw(7))
+    folder = tmp_path / "estep"
+    folder.mkdir()
+    (folder / "batch_size.json").write_text(json.dumps({"batch_size": 7}))
+    assert torch.equal(draw(0, folder), draw(7))
+    assert len(list(folder.glob("batch_*.pt"))) == 43  # ceil(300 / 7)
+    with pytest.raises(ValueError, match="batch_size"):
+        EMConfig(batch_size=-1)
+
+    options = small(rounds=0, batch_size=128, heldout=16)
+    fit_em(observations, tmp_path / "run", **options)
+    options["config"].batch_size = 0
+    fit_em(observations, tmp_path / "run", resume=True, **options)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["em"]["batch_size"] == 128
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the batch size is measured on a GPU")
+def test_a_gpu_batch_size_fits_its_free_memory():
+    from cleanprior.learning.em import estep_batch_size
+    from cleanprior.learning.gaussian import GaussianPrior
+
+    observations, _ = manifold_observations(300)
+    observations = observations.to("cuda")
+    prior = GaussianPrior.standard((5,)).to("cuda")
+    size = estep_batch_size(prior, observations, EMConfig(), samples=2, exact=True)
+    assert 1 <= size <= len(observations)

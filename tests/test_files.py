@@ -102,6 +102,42 @@ def test_load_to_device(tmp_path, device):
     assert torch.equal(loaded.operator(x.to(device)).cpu(), observations.y)
 
 
+
+def tensors_of(value, seen=None):
+    """Every tensor reachable from observations or an operator (fields, buffers, attributes, parts)."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from tensors_of(item, seen)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from tensors_of(item, seen)
+    elif isinstance(value, (torch.nn.Module, Observations)):
+        yield from tensors_of(vars(value), seen)
+
+
+@pytest.mark.parametrize("operator, options", [("mask", {}), ("matrix", {"m": 10}), ("blur", {"kernel_size": 5}), ("fourier", {})])
+def test_to_moves_every_tensor(operator, options):
+    """``.to(dtype)`` runs the code path of ``.to(device)``: y, x, noise_std and every operator tensor."""
+    x = images(n=4)
+    observations = corrupt_dataset(x, operator, noise_std=0.05, generator=torch.Generator().manual_seed(0), **options)
+    observations = Observations(observations.y, observations.operator, torch.full((4,), 0.05), observations.shape,
+                                x=observations.x)
+    before = [t.clone() for t in tensors_of(observations)]
+    moved = observations.to(torch.float64)
+    floating = [t for t in tensors_of(moved) if t.is_floating_point() or t.is_complex()]
+    assert len(floating) >= 4
+    assert all(t.dtype in (torch.float64, torch.complex128) for t in floating), [t.dtype for t in floating]
+    assert all(torch.equal(a, b) for a, b in zip(before, tensors_of(observations)))  # the original stays
+    assert torch.allclose(moved.operator(x.double()), observations.operator(x).to(moved.y.dtype), atol=1e-5)
+    back = moved.to(device="cpu", dtype=torch.float32)
+    assert all(t.dtype in (torch.float32, torch.complex64) for t in tensors_of(back) if t.is_floating_point() or t.is_complex())
+
 REFUSALS = {
     "missing y": ({"y": None}, "'y'"),
     "missing operator": ({"operator": None}, "'operator'"),

@@ -29,8 +29,11 @@ def masked_manifold(n: int = 2048, seed: int = 0) -> Observations:
     return Observations(y=y, operator=A, noise_std=NOISE_STD, shape=(5,), x=x)
 
 
-def options(rounds: int = 1, steps: int = 600, **changes) -> dict:
+def options(rounds: int = 1, steps: int = 600, device: torch.device | str = "cpu", **changes) -> dict:
+    # the tests of what a method learns take the `device` fixture; those that compare two runs
+    # bit for bit stay on the CPU, where every kernel is deterministic
     return dict(
+        device=device,
         network=NetworkConfig(hidden=(64, 64)),
         config=EMConfig(**{"rounds": rounds, "steps": 32, "batch_size": 256, "heldout": 64, "gaussian_iterations": 32,
                            "zetas": (0.1, 0.3, 1.0), **changes}),
@@ -40,13 +43,13 @@ def options(rounds: int = 1, steps: int = 600, **changes) -> dict:
     )
 
 
-def test_emdiffusion_first_round_improves_a_start_from_another_dataset(tmp_path):
+def test_emdiffusion_first_round_improves_a_start_from_another_dataset(tmp_path, device):
     """EMDiffusion may start from clean data of another distribution (the paper's cross-dataset
     start): here 256 points of another random manifold. One EM round on the observations must
     pull the prior most of the way towards the truth (measured: Sinkhorn 0.746 -> 0.385), and the
     DPS step size it chose must be the candidate whose held-out check was nearest 1."""
     clean = manifold_prior(features=5, seed=1).sample(256, torch.Generator().manual_seed(5))
-    result = fit(masked_manifold(), tmp_path / "run", method="emdiffusion", init_clean=clean, **options())
+    result = fit(masked_manifold(), tmp_path / "run", method="emdiffusion", init_clean=clean, **options(device=device))
     start, first = result.metrics
     assert first["sinkhorn"] < 0.7 * start["sinkhorn"], (start["sinkhorn"], first["sinkhorn"])
     tuned = json.loads((tmp_path / "run" / "rounds" / "01" / "zeta.json").read_text())
@@ -56,10 +59,10 @@ def test_emdiffusion_first_round_improves_a_start_from_another_dataset(tmp_path)
     assert tuned["ppc"][nearest] < 0.2 * max(tuned["ppc"].values())
 
 
-def test_the_clean_bound_beats_the_naive_bound_and_the_loss_decreases(tmp_path):
+def test_the_clean_bound_beats_the_naive_bound_and_the_loss_decreases(tmp_path, device):
     observations = masked_manifold()
-    clean = fit(observations, tmp_path / "clean", method="clean", **options()).metrics
-    naive = fit(observations, tmp_path / "naive", method="naive", **options()).metrics
+    clean = fit(observations, tmp_path / "clean", method="clean", **options(device=device)).metrics
+    naive = fit(observations, tmp_path / "naive", method="naive", **options(device=device)).metrics
     # the masked coordinates read as zeros: a prior of zero-filled vectors is far from the manifold
     assert clean[0]["round"] == naive[0]["round"] == 1  # no start: the first row is round 1
     assert clean[0]["sinkhorn"] < 0.25 * naive[0]["sinkhorn"], (clean[0]["sinkhorn"], naive[0]["sinkhorn"])
@@ -91,8 +94,8 @@ def test_a_direct_run_killed_and_resumed_equals_one_run(tmp_path, monkeypatch):
     assert [r["round"] for r in rows] == [1, 2]
 
 
-def test_a_posterior_method_name_means_diem_with_that_e_step(tmp_path):
-    fit(masked_manifold(256), tmp_path / "run", method="dps", **options(rounds=0, heldout=16))
+def test_a_posterior_method_name_means_diem_with_that_e_step(tmp_path, device):
+    fit(masked_manifold(256), tmp_path / "run", method="dps", **options(rounds=0, heldout=16, device=device))
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["method"] == "diem" and saved["em"]["posterior"] == "dps"
 
@@ -133,10 +136,10 @@ def noisy_manifold(n: int = 2048, noise_std: float = 0.2, seed: int = 0) -> Obse
     # ambient on masks 0.17 vs 0.31; ambient (noisy form) 0.10 vs 0.14; SURE 0.070 vs 0.14
     [("ambient", "mask", 0.75), ("ambient", "noise", 0.9), ("sure", "noise", 0.7)],
 )
-def test_corruption_aware_baselines_beat_the_naive_prior(tmp_path, method, task, ratio):
+def test_corruption_aware_baselines_beat_the_naive_prior(tmp_path, method, task, ratio, device):
     observations = masked_manifold() if task == "mask" else noisy_manifold()
-    learned = fit(observations, tmp_path / method, method=method, **options()).metrics[-1]
-    naive = fit(observations, tmp_path / "naive", method="naive", **options()).metrics[-1]
+    learned = fit(observations, tmp_path / method, method=method, **options(device=device)).metrics[-1]
+    naive = fit(observations, tmp_path / "naive", method="naive", **options(device=device)).metrics[-1]
     assert learned["sinkhorn"] < ratio * naive["sinkhorn"], (learned["sinkhorn"], naive["sinkhorn"])
     losses = load_checkpoint(tmp_path / method / "train.pt")["training"]["history"]["loss"]
     # medians: SURE's one-probe divergence makes single losses heavy-tailed (the sum of 50 swings
@@ -161,7 +164,7 @@ def test_baselines_refuse_operators_they_cannot_learn_from(tmp_path, method):
     assert not (tmp_path / "run").exists()
 
 
-def test_flowdiff_learns_a_prior_and_an_amortized_posterior(tmp_path):
+def test_flowdiff_learns_a_prior_and_an_amortized_posterior(tmp_path, device):
     """Two rounds of 300 joint steps on the masked manifold (measured: Sinkhorn 0.19 then 0.106,
     naive 0.31; the flow's one-pass posterior mean has RMSE 0.171, MMPS with the learned prior
     0.162): the second round improves on the first, the prior beats the naive one, the one-pass
@@ -170,9 +173,9 @@ def test_flowdiff_learns_a_prior_and_an_amortized_posterior(tmp_path):
 
     observations = masked_manifold()
     flow = FlowDiffConfig(batch_size=256, hidden=64, layers=4, ema_decay=0.95)
-    result = fit(observations, tmp_path / "run", method="flowdiff", flow=flow, **options(rounds=2, steps=300))
+    result = fit(observations, tmp_path / "run", method="flowdiff", flow=flow, **options(rounds=2, steps=300, device=device))
     first, second = result.metrics
-    naive = fit(observations, tmp_path / "naive", method="naive", **options()).metrics[-1]
+    naive = fit(observations, tmp_path / "naive", method="naive", **options(device=device)).metrics[-1]
     assert second["sinkhorn"] < 0.8 * first["sinkhorn"], (first["sinkhorn"], second["sinkhorn"])
     assert second["sinkhorn"] < 0.6 * naive["sinkhorn"], (second["sinkhorn"], naive["sinkhorn"])
     assert second["amortized_rmse"] < 1.3 * second["rmse_mean"]
@@ -214,3 +217,10 @@ def test_emdiffusion_grown_on_resume_equals_one_run_and_its_start_loss_decreases
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     losses = load_checkpoint(tmp_path / "once" / "init.pt")["training"]["history"]["loss"]
     assert sum(losses[-10:]) < sum(losses[:10])
+
+
+def test_a_run_without_held_out_observations_samples_its_prior_on_its_device(tmp_path, device):
+    """With no held-out observations the evaluation's prior samples are drawn where the prior is."""
+    result = fit(masked_manifold(256), tmp_path / "run", method="naive", **options(steps=20, heldout=0, device=device))
+    assert [row["round"] for row in result.metrics] == [1]
+    assert next(result.prior.parameters()).device.type == device.type

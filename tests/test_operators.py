@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from cleanprior.operators import OPERATORS, FunctionOperator, LinearOperator, from_parameters
-from cleanprior.operators.base import inner
+from cleanprior.operators.base import inner, matching_dtype
 
 CASES = {}
 for path in sorted((pathlib.Path(__file__).parent / "cases").glob("operators_*.py")):
@@ -100,6 +100,58 @@ def test_float32_and_batch_preserved(name):
     assert y32.dtype in (torch.float32, torch.complex64)
     assert torch.allclose(y32.to(A(x).dtype), A(x), rtol=1e-4, atol=1e-4)
 
+
+
+def reachable_tensors(value, path="op", seen=None):
+    """Every tensor reachable from ``value``: attributes, buffers, parameters, submodules, containers."""
+    seen = set() if seen is None else seen
+    if id(value) in seen:
+        return
+    seen.add(id(value))
+    if isinstance(value, torch.Tensor):
+        yield path, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from reachable_tensors(item, f"{path}[{key!r}]", seen)
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from reachable_tensors(item, f"{path}[{i}]", seen)
+    elif isinstance(value, torch.nn.Module):
+        for key, item in vars(value).items():
+            yield from reachable_tensors(item, f"{path}.{key}", seen)
+
+
+def assert_precision(A, dtype):
+    for path, t in reachable_tensors(A):
+        if t.is_floating_point() or t.is_complex():
+            expected = dtype.to_complex() if t.is_complex() else dtype
+            assert t.dtype == expected, f"{path} is {t.dtype} after .to({dtype})"
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_to_moves_every_tensor(name):
+    """``.to(dtype)`` runs the code path of ``.to(device)``: every tensor reachable from the
+    operator, its parts' included, converts, caches built before the move too, and it still works."""
+    A, x_shape, x_dtype = build(name)
+    x = random((B, *x_shape), x_dtype, 12)
+    y = A(x)
+    if A.linear:
+        ATy = A.adjoint(y)  # fills the caches (projection matrices, pseudo-inverses) that must follow
+        if A.has_pinv:
+            A.pinv(y)
+    moved = A.to(torch.float32)
+    assert moved is A
+    assert_precision(moved, torch.float32)
+    x32 = x.to(matching_dtype(torch.float32, x))
+    y32 = moved(x32)
+    assert y32.dtype == matching_dtype(torch.float32, y)
+    assert torch.allclose(y32.to(y.dtype), y, rtol=1e-4, atol=1e-4)
+    if A.linear:
+        assert torch.allclose(moved.adjoint(y32).to(x.dtype), ATy, rtol=1e-4, atol=1e-4)
+    back = moved.to(dtype=torch.float64)
+    assert_precision(back, torch.float64)
+    assert back(x).dtype == y.dtype
+    assert torch.allclose(back(x), y, rtol=1e-4, atol=1e-4)
 
 def item_parameters(value, i):
     """The parameters of observation i: every per-item tensor sliced, at any nesting depth."""

@@ -29,6 +29,8 @@ from cleanprior.data.files import load_clean as load_data
 
 __all__ = ["load_data", "main", "build_parser"]
 
+DEVICE_HELP = "auto (CUDA when available, else the CPU), cpu, cuda or cuda:N"
+
 
 def _subparser(description: str) -> Any:
     from jsonargparse import ActionConfigFile, ArgumentParser
@@ -73,7 +75,7 @@ def build_parser() -> Any:
     train.add_class_arguments(TrainConfig, "training")
     train.add_class_arguments(SampleConfig, "sampling")
     train.add_argument("--split", default="train", help="split of an embedded dataset")
-    train.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    train.add_argument("--device", default="auto", help=DEVICE_HELP)
     train.add_argument("--seed", type=int, default=0, help="seed of the training generator")
     train.add_argument("--resume", type=bool, default=False, help="continue an interrupted run in OUTPUT")
     commands.add_subcommand("train", train, help="train a prior on clean data")
@@ -91,7 +93,7 @@ def build_parser() -> Any:
     fit.add_class_arguments(TrainConfig, "training")
     fit.add_class_arguments(EvalConfig, "evaluation")
     fit.add_class_arguments(FlowDiffConfig, "flow", skip={"steps", "seed"})
-    fit.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (under torchrun: each rank its GPU)")
+    fit.add_argument("--device", default="auto", help=DEVICE_HELP + " (under torchrun: each rank its GPU)")
     fit.add_argument("--resume", type=bool, default=False, help="continue the run in OUTPUT from its last completed work")
     commands.add_subcommand("fit", fit, help="learn a prior from observations (EM and the other methods)")
 
@@ -103,7 +105,7 @@ def build_parser() -> Any:
     sample.add_argument("--sampler", default="heun", help="ddim, ddpm, heun or pc")
     sample.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="samples per denoiser call")
     sample.add_argument("--seed", type=int, default=0, help="seed of the sampler")
-    sample.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    sample.add_argument("--device", default="auto", help=DEVICE_HELP)
     commands.add_subcommand("sample", sample, help="draw prior samples from a run")
 
     reconstruct = _subparser("Posterior samples of a run's prior for every observation of a file.")
@@ -116,9 +118,11 @@ def build_parser() -> Any:
     reconstruct.add_argument("--sampler", default="ddpm", help="ddim, ddpm, heun or pc")
     reconstruct.add_argument("--solver", default="gmres", help="Krylov solver of MMPS-like methods")
     reconstruct.add_argument("--iterations", type=int, default=1, help="its iterations")
-    reconstruct.add_argument("--batch-size", dest="batch_size", type=int, default=64, help="observations per batch")
+    reconstruct.add_argument("--batch-size", dest="batch_size", type=int, default=0,
+                             help="observations per batch (0: from the device: 64 on the CPU, on a GPU what half "
+                                  "its free memory holds)")
     reconstruct.add_argument("--seed", type=int, default=0, help="seed of the sampler")
-    reconstruct.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    reconstruct.add_argument("--device", default="auto", help=DEVICE_HELP)
     commands.add_subcommand("reconstruct", reconstruct, help="posterior samples for observations")
 
     evaluate = _subparser("Measure a run's prior: diagnostics on observations, distances to clean data.")
@@ -129,7 +133,7 @@ def build_parser() -> Any:
     evaluate.add_argument("--steps", type=int, default=32, help="sampler steps")
     evaluate.add_argument("--limit", type=int, default=64, help="observations used (0: all)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed")
-    evaluate.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    evaluate.add_argument("--device", default="auto", help=DEVICE_HELP)
     commands.add_subcommand("evaluate", evaluate, help="metrics of a run's prior")
 
     demo = _subparser(
@@ -138,7 +142,7 @@ def build_parser() -> Any:
     )
     demo.add_argument("-o", "--output", default="demo-run", help="the run folder")
     demo.add_argument("--rounds", type=int, default=0, help="EM rounds (0: the demo's default)")
-    demo.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    demo.add_argument("--device", default="auto", help=DEVICE_HELP)
     commands.add_subcommand("demo", demo, help="the main job (what `make demo` runs)")
 
     from cleanprior.learning.recon import METHODS as RECON_METHODS
@@ -161,7 +165,7 @@ def build_parser() -> Any:
     recon.add_argument("--gain", type=float, default=0.0, help="noise2score, Poisson: the gain (y = gain * Poisson(x / gain))")
     recon.add_argument("--shape", type=float, default=0.0, help="noise2score, Gamma: the shape (y = x * Gamma(shape, rate))")
     recon.add_class_arguments(ReconConfig, "options", skip={"method", "noise", "noise_std", "gain", "shape"})
-    recon.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    recon.add_argument("--device", default="auto", help=DEVICE_HELP)
     recon.add_argument("--resume", type=bool, default=False, help="continue the run in OUTPUT")
     commands.add_subcommand("recon", recon, help="train a reconstruction network")
 
@@ -170,7 +174,7 @@ def build_parser() -> Any:
     apply.add_argument("observations", help="an observation file or a .npz holding 'y'")
     apply.add_argument("-o", "--output", required=True, help="the .npz to write, reconstructions under 'x'")
     apply.add_argument("--batch-size", dest="batch_size", type=int, default=256, help="observations per forward pass")
-    apply.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    apply.add_argument("--device", default="auto", help=DEVICE_HELP)
     commands.add_subcommand("apply", apply, help="apply a reconstruction network")
     return parser
 

@@ -11,6 +11,8 @@ from typing import Any
 
 import torch
 
+from cleanprior.devices import resolve_device
+
 __all__ = ["corrupt", "demo", "evaluate", "fit", "reconstruct", "sample", "train"]
 
 
@@ -66,7 +68,7 @@ def train(
     training: Any = None,
     sampling: Any = None,
     split: str = "train",
-    device: str = "cpu",
+    device: str = "auto",
     seed: int = 0,
     resume: bool = False,
 ) -> None:
@@ -74,8 +76,9 @@ def train(
     from cleanprior.cli import load_data
     from cleanprior.runs.prior import train_prior
 
+    target = resolve_device(device)
     x = load_data(data, split)
-    train_prior(x, output, network=network, training=training, sampling=sampling, device=device, seed=seed,
+    train_prior(x, output, network=network, training=training, sampling=sampling, device=target, seed=seed,
                 resume=resume, description=f"{data} ({split})")
     print(f"wrote {output}")
 
@@ -89,7 +92,7 @@ def fit(
     training: Any = None,
     evaluation: Any = None,
     flow: Any = None,
-    device: str = "cpu",
+    device: str = "auto",
     resume: bool = False,
     **em: Any,
 ) -> None:
@@ -104,7 +107,7 @@ def fit(
         training: A round's :class:`~cleanprior.diffusion.training.TrainConfig`.
         evaluation: An :class:`~cleanprior.learning.em.EvalConfig`.
         flow: FlowDiff's :class:`~cleanprior.learning.flowdiff.FlowDiffConfig`.
-        device: Where to compute.
+        device: Where to compute: ``auto`` (CUDA when available, the default), ``cpu``, ``cuda``, ``cuda:N``.
         resume: Continue the run in ``output``.
         em: The fields of :class:`~cleanprior.learning.em.EMConfig`.
     """
@@ -112,10 +115,12 @@ def fit(
     from cleanprior.learning.em import EMConfig
     from cleanprior.learning.fit import fit as fit_prior
 
+    target = resolve_device(device)
+    # read on the CPU: the run moves its training and held-out parts to the device
     data = load_observations(observations)
     clean = load_clean(init_clean, "train") if init_clean else None
     result = fit_prior(data, output, method=method, init_clean=clean, flow=flow, network=network, config=EMConfig(**em),
-                       training=training, evaluation=evaluation, device=device, resume=resume,
+                       training=training, evaluation=evaluation, device=target, resume=resume,
                        description=str(observations))
     print(f"wrote {output} ({result.metrics[-1]['round'] if result.metrics else 0} rounds); "
           f"open {pathlib.Path(output) / 'report.html'}")
@@ -129,14 +134,18 @@ def sample(
     sampler: str = "heun",
     batch_size: int = 256,
     seed: int = 0,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> None:
     """Draw prior samples from a run into a ``.npz`` under ``x`` (and a PNG grid for images)."""
     from cleanprior.runs.prior import SampleConfig, sample_run
 
     sampling = SampleConfig(n=n, steps=steps, sampler=sampler, seed=seed, batch_size=batch_size)
-    path = sample_run(run, sampling, device=device, output=output or None)
+    path = sample_run(run, sampling, device=resolve_device(device), output=output or None)
     print(f"wrote {path}")
+
+
+RECONSTRUCT_CPU_BATCH = 64
+"""Observations per batch of ``reconstruct`` on the CPU (each carries ``samples`` samples)."""
 
 
 def reconstruct(
@@ -149,21 +158,25 @@ def reconstruct(
     sampler: str = "ddpm",
     solver: str = "gmres",
     iterations: int = 1,
-    batch_size: int = 64,
+    batch_size: int = 0,
     seed: int = 0,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> None:
     """Posterior samples of a run's prior for every observation of a file.
 
     Writes ``x`` (shape ``(N, S, *shape)``), their ``mean`` and pixel-wise ``std`` (``(N,
-    *shape)``) to ``output``.
+    *shape)``) to ``output``. ``batch_size`` 0 chooses it from the device: :data:`RECONSTRUCT_CPU_BATCH`
+    on the CPU, on a GPU from its free memory (:func:`cleanprior.learning.em.estep_batch_size`).
     """
     from cleanprior.data.files import load_observations
     from cleanprior.learning.em import EMConfig, posterior_batches
     from cleanprior.runs.prior import load_run_prior
 
-    data = load_observations(observations, device=device)
-    denoiser = load_run_prior(run, device=device)
+    target = resolve_device(device)
+    data = load_observations(observations, device=target)
+    denoiser = load_run_prior(run, device=target)
+    if not batch_size and target.type == "cpu":
+        batch_size = RECONSTRUCT_CPU_BATCH
     config = EMConfig(posterior=method, steps=steps, sampler=sampler, solver=solver, iterations=iterations,
                       batch_size=batch_size, samples=samples, seed=seed)
     x = posterior_batches(denoiser, data, config=config, samples=samples, seed_keys=(7,), progress=True,
@@ -181,7 +194,7 @@ def evaluate(
     steps: int = 32,
     limit: int = 64,
     seed: int = 0,
-    device: str = "cpu",
+    device: str = "auto",
 ) -> None:
     """Measure a run's prior on observations (see :mod:`cleanprior.learning.evaluation`) into JSON."""
     from cleanprior.data.files import load_observations
@@ -190,13 +203,14 @@ def evaluate(
     from cleanprior.runs.atomic import write_json
     from cleanprior.runs.prior import load_run_prior
 
-    data = load_observations(observations, device=device)
+    target = resolve_device(device)
+    data = load_observations(observations, device=target)
     if limit:
         data = data.subset(torch.arange(min(limit, len(data))))
-    denoiser = load_run_prior(run, device=device)
+    denoiser = load_run_prior(run, device=target)
     folder = pathlib.Path(output) if output else pathlib.Path(run) / "evaluation"
     metrics = evaluate_round(denoiser, data, folder, evaluation or EvalConfig(),
-                             EMConfig(steps=steps, seed=seed), round_index=-1, exact=False, seed=seed)
+                             EMConfig(steps=steps, seed=seed), round_index=-1, exact=False, seed=seed, device=target)
     metrics.pop("round")
     write_json(folder / "metrics.json", metrics)
     for key, value in metrics.items():
@@ -213,7 +227,7 @@ DEMO = {
 """The demo's sizes, chosen to finish in under 10 minutes on 2 CPU cores (set-up included)."""
 
 
-def demo(output: str = "demo-run", rounds: int = 0, device: str = "cpu") -> None:
+def demo(output: str = "demo-run", rounds: int = 0, device: str = "auto") -> None:
     """The main job: DiEM on MNIST 5k with 75% of the pixels missing, from the Gaussian start.
 
     Writes the observation file, then the EM run with its HTML report (``OUTPUT/report.html``):
@@ -226,10 +240,12 @@ def demo(output: str = "demo-run", rounds: int = 0, device: str = "cpu") -> None
     from cleanprior.learning.em import EMConfig, EvalConfig, fit_em
     from cleanprior.runs.prior import NetworkConfig
 
+    target = resolve_device(device)
     run = pathlib.Path(output)
     path = run / "observations.npz"
     if path.exists():
-        observations = load_observations(path, device=device)
+        # read on the CPU: the run moves its training and held-out parts to the device
+        observations = load_observations(path)
     else:
         x = mnist5k("train")[: DEMO["observations"]]
         observations = corrupt_dataset(x, "mask", noise_std=DEMO["noise_std"], missing=DEMO["missing"],
@@ -243,7 +259,7 @@ def demo(output: str = "demo-run", rounds: int = 0, device: str = "cpu") -> None
     training = TrainConfig(steps=200, batch_size=64, lr=2e-3, warmup=20, ema_decay=0.98, checkpoint_every=100)
     evaluation = EvalConfig(prior_samples=64, posterior_samples=2, shown=8, steps=16, reference="mnist5k")
     result = fit_em(observations, run, network=network, config=config, training=training, evaluation=evaluation,
-                    device=device, resume=(run / "config.json").exists(),
+                    device=target, resume=(run / "config.json").exists(),
                     description=f"MNIST 5k, {DEMO['observations']} images, {DEMO['missing']:.0%} of pixels missing, "
                                 f"noise std {DEMO['noise_std']}")
     for row in result.metrics:
@@ -265,14 +281,15 @@ def recon(observations: str, output: str, options: Any = None, **arguments: Any)
     """
     from cleanprior.learning.recon import recon_command
 
+    arguments["device"] = resolve_device(arguments.get("device", "auto"))
     result = recon_command(observations, output, config=options, **arguments)
     shown = ", ".join(f"{k} {v:.4g}" for k, v in result.metrics.items() if isinstance(v, float))
     print(f"wrote {output}: {shown}; open {pathlib.Path(output) / 'report.html'}")
 
 
-def apply(run: str, observations: str, output: str, batch_size: int = 256, device: str = "cpu") -> None:
+def apply(run: str, observations: str, output: str, batch_size: int = 256, device: str = "auto") -> None:
     """Reconstruct every observation of a file (:func:`cleanprior.learning.recon.apply_command`)."""
     from cleanprior.learning.recon import apply_command
 
-    apply_command(run, observations, output, batch_size=batch_size, device=device)
+    apply_command(run, observations, output, batch_size=batch_size, device=resolve_device(device))
     print(f"wrote {output}")

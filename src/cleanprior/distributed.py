@@ -23,6 +23,8 @@ import os
 import torch
 from torch import Tensor
 
+from cleanprior.devices import resolve_device
+
 __all__ = [
     "all_gather_rows",
     "all_reduce_gradients",
@@ -47,12 +49,14 @@ def setup(device: str | torch.device = "cpu") -> torch.device:
     ``cuda:LOCAL_RANK``.
 
     Arguments:
-        device: ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (see
+            :func:`cleanprior.devices.resolve_device`).
 
     Raises:
         RuntimeError: If ``torch.distributed`` is unavailable in this build of torch.
+        ValueError: For a device this machine lacks.
     """
-    device = torch.device(device)
+    device = resolve_device(device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or _active():
         if _active() and device.type == "cuda" and device.index is None:
             return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

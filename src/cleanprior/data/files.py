@@ -70,6 +70,7 @@ from torch import Tensor
 
 from cleanprior.operators import OPERATORS, Operator, box_mask, column_mask, corrupt, gaussian_kernel
 from cleanprior.operators import random_mask, random_projection
+from cleanprior.operators.base import matching_dtype
 from cleanprior.operators.noise import NOISES
 from cleanprior.operators.registry import operator as build_operator
 from cleanprior.operators.registry import select_items
@@ -313,19 +314,34 @@ class Observations:
             noise=self.noise,
         )
 
-    def to(self, device: torch.device | str) -> Observations:
-        """The same observations on ``device`` (``self`` and its operator are left where they are)."""
+    def to(self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> Observations:
+        """The same observations on ``device``, their floating-point values at ``dtype``'s precision.
+
+        ``y``, ``x``, a per-item ``noise_std`` and every parameter tensor of the operator move;
+        complex values stay complex (at the matching precision). ``self`` and its operator are
+        left as they are. ``data.to(torch.float64)`` also works.
+
+        Arguments:
+            device: The target device (None: stay).
+            dtype: The target floating-point precision (None: keep).
+        """
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+
+        def convert(t: Tensor) -> Tensor:
+            return t.to(device, None if dtype is None else matching_dtype(dtype, t))
+
         # Rebuilding the operator from views of its parameters gives a new module to move without
         # copying its (possibly large) per-item tensors first; one that cannot be rebuilt is copied.
         moved = select_items(self.operator, slice(None), len(self))
         if moved is self.operator:
             moved = copy.deepcopy(self.operator)
         return Observations(
-            y=self.y.to(device),
-            operator=moved.to(device),
-            noise_std=self.noise_std.to(device) if isinstance(self.noise_std, Tensor) else self.noise_std,
+            y=convert(self.y),
+            operator=moved.to(device, dtype),
+            noise_std=convert(self.noise_std) if isinstance(self.noise_std, Tensor) else self.noise_std,
             shape=self.shape,
-            x=None if self.x is None else self.x.to(device),
+            x=None if self.x is None else convert(self.x),
             noise=self.noise,
         )
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import os
 import pathlib
 import time
@@ -54,6 +55,7 @@ from cleanprior import distributed
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 from cleanprior.diffusion.training import TrainConfig, train
 from cleanprior.learning.rounds import Round, round_generator, run_rounds
+from cleanprior.runs.atomic import write_json
 from cleanprior.runs.checkpoint import (
     load_checkpoint,
     load_denoiser,
@@ -61,7 +63,18 @@ from cleanprior.runs.checkpoint import (
     save_denoiser,
 )
 
-__all__ = ["EMConfig", "EMResult", "EvalConfig", "fit_em", "posterior_batches"]
+__all__ = ["EMConfig", "EMResult", "EvalConfig", "estep_batch_size", "fit_em", "posterior_batches"]
+
+CPU_BATCH_SIZE = 256
+"""Observations per E-step batch on the CPU when ``EMConfig.batch_size`` is 0 (the default
+before batch sizes were chosen from the device)."""
+
+PROBE_OBSERVATIONS = 4
+"""Observations in the probe batch that measures an E-step's memory per sample on a GPU."""
+
+MEMORY_HEADROOM = 0.5
+"""The fraction of a GPU's free memory an E-step batch may fill: the rest absorbs what the probe
+does not see (the allocator's fragmentation, the solver's extra iterations, the M-step's cache)."""
 
 
 @dataclasses.dataclass
@@ -75,7 +88,8 @@ class EMConfig:
         sampler: The sampler that runs the guidance rule (``ddim``, ``ddpm``, ``heun``, ``pc``).
         samples: Posterior samples per observation per round.
         batch_size: Observations per E-step batch (one denoiser call carries ``batch_size x
-            samples`` samples).
+            samples`` samples); 0 chooses from the device (:func:`estep_batch_size`): 256 on the
+            CPU, on a GPU as many as half its free memory holds.
         solver: The Krylov solver of MMPS-like methods. GMRES by default: a trained network's
             Jacobian is not symmetric positive definite, and CG diverged on it (see the demo).
         iterations: The solver's iterations.
@@ -107,7 +121,7 @@ class EMConfig:
     steps: int = 32
     sampler: str = "ddpm"
     samples: int = 1
-    batch_size: int = 256
+    batch_size: int = 0
     solver: str = "gmres"
     iterations: int = 1
     gaussian_rank: int = 0
@@ -124,7 +138,7 @@ class EMConfig:
         for name in ("rounds", "steps", "samples", "batch_size", "iterations", "gaussian_iterations",
                      "gaussian_samples"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "rounds" else 1):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name in ("rounds", "batch_size") else 1):
                 raise ValueError(f"EMConfig.{name} must be a positive integer, got {value!r}")
         if self.gaussian_rank < 0 or self.heldout < 0:
             raise ValueError("EMConfig.gaussian_rank and EMConfig.heldout must be non-negative")
@@ -232,6 +246,56 @@ def _load_gaussian(path: pathlib.Path) -> Any:
         raise CheckpointError(f"{path} does not hold a valid Gaussian start: {error}") from None
 
 
+def _draw(prior: Any, part: Any, config: EMConfig, generator: torch.Generator, exact: bool,
+          options: dict[str, Any]) -> Tensor:
+    """Posterior samples of one batch of observations, shape ``(len(part), *shape)``, on their device."""
+    from cleanprior.posterior.api import sample_posterior
+
+    if exact:
+        return prior.sample_posterior(part.operator, part.y, part.noise_std, generator=generator)
+    return sample_posterior(prior, part.operator, part.y, shape=part.shape, noise_std=part.noise_std,
+                            method=config.posterior, generator=generator, **config.posterior_options(), **options)
+
+
+def estep_batch_size(prior: Any, observations: Any, config: EMConfig, samples: int, *, exact: bool = False,
+                     options: dict[str, Any] | None = None) -> int:
+    """Observations per E-step batch for ``EMConfig.batch_size = 0``, chosen from the device.
+
+    On the CPU, :data:`CPU_BATCH_SIZE`. On a GPU, one probe batch of
+    :data:`PROBE_OBSERVATIONS` observations (``samples`` each) runs the E-step's posterior method
+    for two sampler steps (the peak of a step is that of every step); its peak memory per sample,
+    against :data:`MEMORY_HEADROOM` of the memory free (``torch.cuda.mem_get_info`` plus what
+    torch's allocator holds unused), gives the batch: at least 1, at most ``N``. Samples drawn
+    with another batch size differ (each batch has its own generator), so a resumed E-step reads
+    the size it started with (:func:`posterior_batches`).
+
+    Arguments:
+        prior: The E-step's prior (see :func:`posterior_batches`).
+        observations: The :class:`~cleanprior.data.files.Observations`, on the computing device.
+        config: The E-step options.
+        samples: Posterior samples per observation.
+        exact: Whether ``prior`` samples its posterior exactly.
+        options: More options of the posterior method.
+
+    Returns:
+        The number of observations per batch.
+    """
+    device = observations.y.device
+    if device.type != "cuda":
+        return CPU_BATCH_SIZE
+    n = len(observations)
+    probe = observations.subset(torch.arange(min(n, PROBE_OBSERVATIONS)).repeat_interleave(samples))
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    _draw(prior, probe, dataclasses.replace(config, steps=2), torch.Generator(device=device).manual_seed(0), exact,
+          options or {})
+    per_sample = max(1, torch.cuda.max_memory_allocated(device) - before) / len(probe)
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return max(1, min(n, int(MEMORY_HEADROOM * free / (per_sample * samples))))
+
+
 def posterior_batches(
     prior: Any,
     observations: Any,
@@ -268,18 +332,28 @@ def posterior_batches(
         Samples, shape ``(N * S, *shape)``, observation-major (the ``S`` samples of
         observation ``i`` are rows ``i S`` to ``i S + S - 1``), on the CPU.
     """
-    from cleanprior.posterior.api import sample_posterior
-
     n = len(observations)
-    size = config.batch_size
-    batches = [torch.arange(start, min(start + size, n)) for start in range(0, n, size)]
+    device = observations.y.device
     world, rank = (distributed.world_size(), distributed.rank()) if distribute else (1, 0)
     barrier = distributed.barrier if distribute else (lambda: None)
+    # a batch size chosen from the device is written beside the batches: the partition, and so
+    # every batch's samples, stay those of the first attempt when a resumed E-step runs elsewhere
+    chosen = folder / "batch_size.json" if folder is not None and not config.batch_size else None
+    size = config.batch_size or (int(json.loads(chosen.read_text())["batch_size"]) if chosen and chosen.exists() else 0)
+    if chosen is not None:
+        barrier()  # every rank has looked for the file before rank 0 may write it
+    if not size:
+        size = estep_batch_size(prior, observations, config, samples, exact=exact, options=options)
+        if world > 1:  # one partition for all ranks: the smallest memory decides
+            size = int(min(rows.min() for rows in distributed.all_gather_rows(torch.tensor([size], device=device))))
+        if chosen is not None and rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+            write_json(chosen, {"batch_size": size})
+    batches = [torch.arange(start, min(start + size, n)) for start in range(0, n, size)]
     mine = [b for b in range(len(batches)) if b % world == rank]
     if folder is not None and rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
     barrier()
-    device = observations.y.device
 
     done: dict[int, Tensor] = {}
     iterator: Any = mine
@@ -294,13 +368,7 @@ def posterior_batches(
         # each observation ``samples`` times in a row: subset repeats the per-item parameters too
         part = observations.subset(batches[b].repeat_interleave(samples))
         generator = round_generator(config.seed, *seed_keys, b, device=device)
-        if exact:
-            x = prior.sample_posterior(part.operator, part.y, part.noise_std, generator=generator)
-        else:
-            x = sample_posterior(prior, part.operator, part.y, shape=part.shape, noise_std=part.noise_std,
-                                 method=config.posterior, generator=generator,
-                                 **config.posterior_options(), **(options or {}))
-        x = x.detach().to("cpu", observations.y.real.dtype)
+        x = _draw(prior, part, config, generator, exact, options or {}).detach().to("cpu", observations.y.real.dtype)
         if path is None:
             done[b] = x
         else:
@@ -310,9 +378,10 @@ def posterior_batches(
         return torch.cat([load_checkpoint(folder / f"batch_{b:05d}.pt", keys=("samples",))["samples"] for b in range(len(batches))])
     if world == 1:
         return torch.cat([done[b] for b in range(len(batches))])
-    gathered = distributed.all_gather_rows(
-        torch.cat([done[b] for b in mine]) if mine else torch.zeros((0, *observations.shape))
-    )
+    local = torch.cat([done[b] for b in mine]) if mine else torch.zeros((0, *observations.shape),
+                                                                        dtype=observations.y.real.dtype)
+    # NCCL gathers only tensors on the GPU: the rows travel on the computing device
+    gathered = [rows.cpu() for rows in distributed.all_gather_rows(local.to(device))]
     # rank r holds batches r, r + world, ... in that order: deal them back into batch order
     pieces: dict[int, Tensor] = {}
     for r, rows in enumerate(gathered):
@@ -445,7 +514,7 @@ def fit_em(
     config: EMConfig | None = None,
     training: TrainConfig | None = None,
     evaluation: EvalConfig | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     resume: bool = False,
     progress: bool = True,
     description: str = "",
@@ -461,7 +530,8 @@ def fit_em(
         config: The rounds' options.
         training: The M-step's options (each round trains ``training.steps`` steps).
         evaluation: What is measured and drawn after every round.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (under ``torchrun``, each rank its GPU).
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"`` (under ``torchrun``,
+            each rank its GPU).
         resume: Continue the run in ``run`` (its configuration must match, except ``rounds``,
             which may grow).
         progress: Show progress bars.

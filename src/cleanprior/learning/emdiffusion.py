@@ -144,7 +144,7 @@ class EMDiffusion(DiEM):
             chosen = json.loads(path.read_text())
         else:
             tuning = context.heldout if context.heldout is not None else context.data
-            tuning = tuning.subset(torch.arange(min(len(tuning), context.config.tune_observations))).to(context.device)
+            tuning = tuning.subset(torch.arange(min(len(tuning), context.config.tune_observations)))
             zeta, checks = choose_zeta(prior, tuning, context.config, seed_keys=(9, k))
             chosen = {"zeta": zeta, "ppc": checks}
             if distributed.is_main():

@@ -76,6 +76,8 @@ def evaluate_round(
     round_index: int,
     exact: bool,
     seed: int,
+    device: torch.device | None = None,
+    shape: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """Measure a prior and draw its figures.
 
@@ -91,6 +93,10 @@ def evaluate_round(
         round_index: The round (0 for the start).
         exact: Whether ``prior`` samples exactly (no sampler).
         seed: The run's seed; the same held-out draws are used every round.
+        device: Where the prior computes, and so where its samples are drawn (default: the
+            held-out observations' device, or the CPU without them).
+        shape: The shape of one sample (default: the held-out observations', or, without them,
+            the exact prior's).
 
     Returns:
         The round's metrics (plain floats).
@@ -103,11 +109,13 @@ def evaluate_round(
     began = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {"round": round_index}
-    shape = tuple(heldout.shape) if heldout is not None else tuple(prior.shape)
+    if shape is None:
+        shape = tuple(heldout.shape) if heldout is not None else tuple(prior.shape)
     images = len(shape) == 3
     d = int(torch.tensor(shape).prod())
 
-    device = heldout.y.device if heldout is not None else torch.device("cpu")
+    if device is None:
+        device = heldout.y.device if heldout is not None else torch.device("cpu")
     x_prior = _prior_samples(prior, evaluation.prior_samples, shape, evaluation.steps, exact,
                              round_generator(seed, 6, round_index, device=device))
     reference = None
@@ -142,8 +150,13 @@ def evaluate_round(
             warnings.warn(f"no Inception FID this round: {error}", stacklevel=2)
 
     if heldout is not None and len(heldout) > 0:
+        from cleanprior.learning.em import CPU_BATCH_SIZE
+
         S = evaluation.posterior_samples
-        eval_config = dataclasses.replace(config, posterior=evaluation.method, batch_size=max(1, config.batch_size // S),
+        # as many samples per batch as an E-step batch of one sample each; a size chosen on a GPU
+        # already counts the samples
+        size = config.batch_size or (CPU_BATCH_SIZE if heldout.y.device.type == "cpu" else 0)
+        eval_config = dataclasses.replace(config, posterior=evaluation.method, batch_size=max(1, size // S) if size else 0,
                                           iterations=evaluation.iterations or config.iterations)
         x = posterior_batches(prior, heldout, config=eval_config, samples=S, seed_keys=(5,), exact=exact,
                               distribute=False)

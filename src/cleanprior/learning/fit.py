@@ -27,6 +27,7 @@ import os
 import pathlib
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from cleanprior.learning.baselines import BASELINES, Direct
@@ -103,7 +104,7 @@ def fit(
     config: Any = None,
     training: Any = None,
     evaluation: Any = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     resume: bool = False,
     progress: bool = True,
     description: str = "",
@@ -121,7 +122,7 @@ def fit(
             E-step options, the methods' own options).
         training: A round's :class:`~cleanprior.diffusion.training.TrainConfig`.
         evaluation: The :class:`~cleanprior.learning.em.EvalConfig`.
-        device: Where to compute.
+        device: Where to compute: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         resume: Continue the run in ``run``.
         progress: Show progress bars.
         description: What the observations are.

@@ -59,6 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cleanprior.devices import resolve_device
 from cleanprior.diffusion.denoiser import Denoiser
 from cleanprior.learning.noise2score import NOISE_PARAMETERS, ScoreConfig
 from cleanprior.learning.sud import SUDConfig
@@ -566,7 +567,8 @@ def fit_reconstruction(
         resume: Continue the run in ``run`` (its configuration must match).
         progress: Show progress bars.
         description: What the observations are (recorded).
-        device: Where the network trains.
+        device: Where the network trains (``"auto"``: CUDA when available); the observations stay
+            where they are and move to it batch by batch.
 
     Returns:
         The trained map and its metrics.
@@ -583,6 +585,7 @@ def fit_reconstruction(
     from cleanprior.runs.checkpoint import save_checkpoint
 
     config, x_shape = _resolve(observations, config or ReconConfig(), pairs, prior)
+    device = resolve_device(device)
     run = pathlib.Path(run)
     method = config.method
     y_shape = tuple(observations.y.shape[1:])
@@ -884,7 +887,7 @@ def recon_command(
     noise: str = "gaussian",
     noise_std: float = 0.0,
     config: ReconConfig | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     resume: bool = False,
     gain: float = 0.0,
     shape: float = 0.0,
@@ -906,7 +909,7 @@ def recon_command(
         noise: The noise model of ``noise2score`` (``gaussian``, ``poisson``, ``gamma``).
         noise_std: The Gaussian noise level (0: the file's).
         config: The other options.
-        device: Where to train.
+        device: Where to train (``"auto"``: CUDA when available).
         resume: Continue the run in ``output``.
         gain: The Poisson gain.
         shape: The Gamma shape.
@@ -921,6 +924,7 @@ def recon_command(
         {k: v for k, v in (("noise_std", noise_std), ("gain", gain), ("shape", shape)) if v}
     )
     config = dataclasses.replace(config or ReconConfig(), **updates)
+    device = resolve_device(device)
     data = _read_observations(observations)
     paired = _read_pairs(pairs) if pairs else None
     denoiser = None
@@ -952,7 +956,7 @@ def recon_command(
 
 
 def apply_command(
-    run: str, observations: str, output: str, batch_size: int = 256, device: str = "cpu"
+    run: str, observations: str, output: str, batch_size: int = 256, device: str | torch.device = "cpu"
 ) -> None:
     """``cleanprior apply``: reconstruct every observation of a file into a ``.npz`` under ``x``.
 
@@ -961,13 +965,13 @@ def apply_command(
         observations: An observation file or a ``.npz`` holding ``y``.
         output: The ``.npz`` to write (atomically).
         batch_size: Observations per forward pass.
-        device: Where to compute.
+        device: Where to compute (``"auto"``: CUDA when available).
     """
     import numpy as np
 
     from cleanprior.runs.atomic import atomic_path
 
-    model = load_reconstruction(run, device=device)
+    model = load_reconstruction(run, device=resolve_device(device))
     y = _read_observations(observations).y
     began = time.perf_counter()
     x = apply_reconstruction(model, y, batch_size=batch_size)

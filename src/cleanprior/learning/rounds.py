@@ -56,7 +56,7 @@ class Round:
     Attributes:
         run: The run folder.
         data: The observations it learns from (held-out ones removed), on ``device``.
-        heldout: The held-out observations (``None`` when ``config.heldout`` is 0).
+        heldout: The held-out observations, on ``device`` (``None`` when ``config.heldout`` is 0).
         config: The :class:`~cleanprior.learning.em.EMConfig` (rounds, seed, E-step options).
         training: The :class:`~cleanprior.diffusion.training.TrainConfig` of a round's training.
         evaluation: The :class:`~cleanprior.learning.em.EvalConfig`.
@@ -156,7 +156,7 @@ def run_rounds(
         training: A round's :class:`~cleanprior.diffusion.training.TrainConfig`.
         evaluation: An :class:`~cleanprior.learning.em.EvalConfig`.
         network: A :class:`~cleanprior.runs.prior.NetworkConfig`.
-        device: Where to compute.
+        device: Where to compute: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:N"``.
         resume: Continue the run in ``run``; its configuration must match (``rounds`` may grow).
         progress: Show progress bars.
         description: What the observations are.
@@ -206,6 +206,10 @@ def run_rounds(
             legacy["posterior"] = legacy.pop("method")
         previous = dict(previous, em=legacy)
         previous = with_defaults(previous, defaults)
+        if config.batch_size == 0 and previous["em"].get("batch_size"):
+            # a batch size left to the device continues a run with the one it recorded
+            config = dataclasses.replace(config, batch_size=previous["em"]["batch_size"])
+            settings["em"] = dataclasses.asdict(config)
 
         def comparable(s: dict[str, Any]) -> dict[str, Any]:
             return dict(s, em={k: v for k, v in s.get("em", {}).items() if k != "rounds"}, evaluation=None, device=None)
@@ -224,11 +228,13 @@ def run_rounds(
     state_path = run / "state.json"
     state = json.loads(state_path.read_text()) if state_path.exists() else {"rounds": -1, "metrics": []}
 
+    # both parts go to the device here, where the data enter it: every round, the E-step and the
+    # evaluation then compute on tensors that are already there
     split = torch.randperm(len(observations), generator=round_generator(config.seed, 1))
     context = Round(
         run=run,
         data=observations.subset(split[config.heldout :]).to(device),
-        heldout=observations.subset(split[: config.heldout]) if config.heldout else None,
+        heldout=observations.subset(split[: config.heldout]).to(device) if config.heldout else None,
         config=config, training=training, evaluation=evaluation, network=network, device=device,
         progress=progress, description=description,
     )
@@ -239,7 +245,7 @@ def run_rounds(
         if distributed.is_main():
             if k == 0 or k == config.rounds or k % evaluation.every == 0:
                 row = evaluate_round(prior, context.heldout, context.folder(k), evaluation, config, round_index=k,
-                                     exact=exact, seed=config.seed)
+                                     exact=exact, seed=config.seed, device=device, shape=context.shape)
                 if not exact:
                     row.update(method.evaluate(context, k, prior))
             else:

@@ -27,7 +27,7 @@ References:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -40,7 +40,20 @@ __all__ = [
     "inner",
     "check_finite",
     "check_batch",
+    "matching_dtype",
 ]
+
+O = TypeVar("O", bound="Operator")
+
+
+def matching_dtype(dtype: torch.dtype, like: Tensor) -> torch.dtype:
+    """``dtype`` at the precision it names, complex where ``like`` is complex and real where it is real.
+
+    A move to float32 turns a complex128 parameter (a complex matrix, coil maps) into complex64
+    rather than dropping its imaginary part, as ``nn.Module.to`` would.
+    """
+    real = dtype.to_real()
+    return real.to_complex() if like.is_complex() else real
 
 
 def inner(u: Tensor, v: Tensor) -> Tensor:
@@ -140,6 +153,42 @@ class Operator(nn.Module):
     def parameters_dict(self) -> dict[str, Any]:
         """The operator's name and parameters: ``operator(**parameters_dict())`` rebuilds it."""
         raise NotImplementedError(f"{type(self).__name__} cannot be saved by name")
+
+    def to(self: O, device: torch.device | str | torch.dtype | None = None,  # type: ignore[override]
+           dtype: torch.dtype | None = None, non_blocking: bool = False) -> O:
+        """Move every parameter tensor to ``device`` and its floating-point ones to ``dtype``, in place.
+
+        Buffers, submodules (parts of a composition, a wrapped network) and plain tensor
+        attributes all move; complex parameters keep being complex at ``dtype``'s precision;
+        integer ones only change device. ``A.to(torch.float64)`` also works. Tensors a wrapped
+        callable closes over (:class:`FunctionOperator`) are the callable's own and stay.
+
+        Arguments:
+            device: The target device (None: stay).
+            dtype: The target floating-point precision (None: keep).
+            non_blocking: Copy asynchronously where the devices allow it.
+
+        Returns:
+            ``self``.
+        """
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+
+        def convert(t: Tensor) -> Tensor:
+            if dtype is None or not (t.is_floating_point() or t.is_complex()):
+                return t.to(device, non_blocking=non_blocking)
+            return t.to(device, matching_dtype(dtype, t), non_blocking=non_blocking)
+
+        return self._apply(convert)
+
+    def _apply(self: O, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> O:
+        # nn.Module moves parameters and buffers only; tensors an operator keeps as plain
+        # attributes must follow too, or a moved operator mixes devices
+        super()._apply(fn, recurse)
+        for name, value in list(vars(self).items()):
+            if isinstance(value, Tensor):
+                setattr(self, name, fn(value))
+        return self
 
     def _label(self) -> str:
         return self.name or type(self).__name__

@@ -6,7 +6,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -67,6 +67,11 @@ class Matrix(LinearOperator):
 
     def parameters_dict(self) -> dict[str, Any]:
         return {"name": self.name, "A": self.A, "x_shape": list(self.x_shape)}
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Matrix:
+        # the cached pseudo-inverse is recomputed from the moved matrix at its new precision
+        self._pinv = None
+        return super()._apply(fn, recurse)
 
 
 def _apply(M: Tensor, v: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -101,6 +102,11 @@ class Tomography(LinearOperator):
         self.detectors = int(detectors) if detectors is not None else diagonal_detectors(self.size)
         self.samples = diagonal_detectors(self.size)
         self._matrices: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def _apply(self, fn: Callable[[Tensor], Tensor], recurse: bool = True) -> Tomography:
+        # the cached matrices are rebuilt from the moved angles on first use
+        self._matrices.clear()
+        return super()._apply(fn, recurse)
 
     def _check(self, value: Tensor, shape: tuple[int, int], what: str) -> None:
         if value.ndim != 4 or tuple(value.shape[2:]) != shape:

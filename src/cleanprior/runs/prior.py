@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cleanprior.devices import resolve_device
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 from cleanprior.diffusion.samplers import sample_prior
 from cleanprior.diffusion.training import TrainConfig, train
@@ -115,7 +116,7 @@ def train_prior(
     network: NetworkConfig | None = None,
     training: TrainConfig | None = None,
     sampling: SampleConfig | None = None,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     seed: int = 0,
     resume: bool = False,
     description: str = "",
@@ -128,7 +129,7 @@ def train_prior(
         network: The network options.
         training: The training options.
         sampling: How the samples written at the end are drawn.
-        device: ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
+        device: ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
         seed: The seed of the training generator.
         resume: Continue an interrupted run in ``run`` (its configuration must match).
         description: What the data are (recorded in the checkpoint).
@@ -144,6 +145,7 @@ def train_prior(
     network = network or NetworkConfig()
     training = training or TrainConfig()
     sampling = sampling or SampleConfig()
+    device = resolve_device(device)
     run = pathlib.Path(run)
     checkpoint = run / "checkpoint.pt"
     config = {
@@ -152,7 +154,7 @@ def train_prior(
         "network": dataclasses.asdict(network),
         "training": dataclasses.asdict(training),
         "sampling": dataclasses.asdict(sampling),
-        "device": device,
+        "device": str(device),
         "seed": seed,
     }
     if checkpoint.exists() and not resume:
@@ -185,7 +187,7 @@ def train_prior(
     return result.denoiser
 
 
-def load_run_prior(run: str | os.PathLike[str], device: str = "cpu") -> Any:
+def load_run_prior(run: str | os.PathLike[str], device: str | torch.device = "cpu") -> Any:
     """The prior of a run folder, ready for every sampler.
 
     Reads ``RUN/checkpoint.pt``; a prior learned from noisy data (SURE, AmbientDiffusion's noisy
@@ -212,7 +214,7 @@ def sample_run(
     run: str | os.PathLike[str],
     sampling: SampleConfig | None = None,
     *,
-    device: str = "cpu",
+    device: str | torch.device = "cpu",
     output: str | os.PathLike[str] | None = None,
 ) -> pathlib.Path:
     """Draw prior samples from a run's checkpoint and write them.
@@ -223,7 +225,7 @@ def sample_run(
     Arguments:
         run: The run folder.
         sampling: How to sample.
-        device: Where to sample.
+        device: Where to sample (``"auto"``: CUDA when available).
         output: The ``.npz`` to write.
 
     Returns:
@@ -235,6 +237,7 @@ def sample_run(
 
     sampling = sampling or SampleConfig()
     run = pathlib.Path(run)
+    device = resolve_device(device)
     denoiser = load_run_prior(run, device=device)
     shape = tuple(load_checkpoint(run / "checkpoint.pt")["metadata"]["shape"])
     generator = torch.Generator(device=device).manual_seed(sampling.seed)
