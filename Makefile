@@ -26,6 +26,7 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/bench_core.py
 	$(PY) benchmarks/bench_operators.py
+	$(PY) benchmarks/bench_speed.py --threads 1
 
 # The posterior benchmark runs azula (the DiEM authors' reference code) side by side; --no-deps
 # keeps pip from replacing torch or pulling torchvision.

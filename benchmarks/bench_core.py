@@ -6,17 +6,18 @@ What is measured, and how:
    low-dimensional manifold network, hidden widths (256, 256, 256)) and
    ``PreconditionedDenoiser(UNet(in_channels=1))`` (channels (32, 64, 128), 2 blocks per level,
    attention at the coarsest level).
-2. **Training throughput** through the real training code path: one call of
-   :func:`cleanprior.train` per row, ``TrainConfig(steps=warm-up + timed, batch_size=...,
-   amp=..., progress=False)``, with a ``callback`` that stamps the wall clock after every step
-   (the callback runs after ``loss.item()``, so the device is synchronised). The time of a step
-   is the interval between consecutive stamps, which covers everything the loop does per step:
-   minibatch gather, noise levels, forward and backward, gradient clipping, AdamW, the EMA update
-   and the loss read-back. The warm-up steps (and the set-up of ``train``) are not timed; the
-   table gives the median step and the range. The MLP trains on 5-D Gaussian stand-in vectors
-   (the speed does not depend on the values) with batch 1024; the U-Net on ``mnist5k()``
-   (4,500 images of 1x28x28) with batch 64 and 128, in float32 and with ``amp=True``
-   (bfloat16 autocast).
+2. **Training throughput** through the real training code path, :func:`cleanprior.train` with
+   ``TrainConfig(steps=..., batch_size=..., amp=..., progress=False)``. Its ``callback`` runs
+   only at the loop's loss reads (every ``log_every`` steps, in batches), so single steps cannot
+   be stamped; instead each repeat times one whole call of ``warm-up + timed`` steps and one of
+   ``warm-up`` steps on the same network, and a step costs their difference over the timed
+   steps (``bench_speed.time_train_steps``, shared with ``bench_speed.py``). The set-up of a call
+   cancels out; everything a step costs stays in: minibatch and noise draws, forward and
+   backward, gradient clipping, AdamW, the EMA update and the periodic loss reads. The table
+   gives the median over the repeats and their range. The MLP trains on 5-D Gaussian stand-in
+   vectors (the speed does not depend on the values) with batch 1024; the U-Net on
+   ``mnist5k()`` (4,500 images of 1x28x28) with batch 64 and 128, in float32 and with
+   ``amp=True`` (bfloat16 autocast).
 3. **Sampling cost** of :func:`cleanprior.sample_prior` under ``torch.inference_mode()`` with
    ``ddim`` (64 steps), ``heun`` (32 steps) and ``pc`` (64 steps, 1 correction), one chunk of
    ``batch`` samples per call (``n = batch_size = batch``), for the untrained networks (the cost
@@ -57,16 +58,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 import cleanprior
 from cleanprior import (
     GaussianMixture,
     PreconditionedDenoiser,
-    TrainConfig,
     get_sampler,
     sample_prior,
-    train,
 )
 from cleanprior.data import mnist5k
 from cleanprior.diffusion import Denoiser
@@ -91,6 +90,9 @@ class Plan:
         unet_warmup: Untimed training steps of the U-Net.
         unet_steps: Timed float32 training steps of the U-Net.
         amp_steps: Timed bfloat16-autocast training steps of the U-Net.
+        mlp_repeats: Repeats of the MLP's timing (each one call of warm-up + timed steps and
+            one of warm-up steps).
+        unet_repeats: Repeats of each U-Net timing.
         max_runs: The most sampling calls per row.
         run_budget_s: No further sampling call starts once the calls of a row took this long.
     """
@@ -100,16 +102,18 @@ class Plan:
     unet_warmup: int
     unet_steps: int
     amp_steps: int
+    mlp_repeats: int
+    unet_repeats: int
     max_runs: int
     run_budget_s: float
 
 
 FULL = Plan(
-    mlp_warmup=20, mlp_steps=200, unet_warmup=1, unet_steps=4, amp_steps=2,
+    mlp_warmup=20, mlp_steps=200, unet_warmup=1, unet_steps=4, amp_steps=2, mlp_repeats=3, unet_repeats=1,
     max_runs=5, run_budget_s=15.0,
 )
 QUICK = Plan(
-    mlp_warmup=5, mlp_steps=20, unet_warmup=1, unet_steps=1, amp_steps=1,
+    mlp_warmup=5, mlp_steps=20, unet_warmup=1, unet_steps=1, amp_steps=1, mlp_repeats=1, unet_repeats=1,
     max_runs=1, run_budget_s=0.0,
 )
 PREAMBLE = (
@@ -228,37 +232,29 @@ def parameter_rows() -> list[list[str]]:
 
 def bench_training(
     label: str,
-    denoiser: nn.Module,
+    denoiser: PreconditionedDenoiser,
     data: Tensor,
     batch: int,
     amp: bool,
     warmup: int,
     steps: int,
+    repeats: int,
 ) -> list[str]:
-    """Train for ``warmup + steps`` steps and time the last ``steps`` of them."""
-    stamps: list[float] = []
-    meter = LoadMeter()
+    """Time ``steps`` steps of ``train`` after ``warmup`` ones, as the difference of two whole calls, ``repeats`` times."""
+    from bench_speed import time_train_steps
 
-    def callback(step: int, loss: float) -> None:
-        stamps.append(time.perf_counter())
-        if step == warmup - 1:
-            meter.start()
-        elif step == warmup + steps - 1:
-            meter.stop()
-
-    config = TrainConfig(steps=warmup + steps, batch_size=batch, amp=amp, progress=False)
-    train(denoiser, data, config, generator=torch.Generator().manual_seed(0), callback=callback)
-    intervals = [b - a for a, b in zip(stamps[warmup - 1 : -1], stamps[warmup:])]
-    median = statistics.median(intervals)
+    seconds, load = time_train_steps(denoiser, data, batch, warmup, steps, repeats, amp=amp)
+    median = statistics.median(seconds)
+    spread = f"{sig3(min(seconds) * 1e3)}–{sig3(max(seconds) * 1e3)}" if repeats > 1 else "–"
     return [
         label,
         str(batch),
         "bf16 autocast" if amp else "fp32",
-        str(steps),
+        f"{repeats} x {steps}",
         sig3(median * 1e3),
-        f"{sig3(min(intervals) * 1e3)}–{sig3(max(intervals) * 1e3)}",
+        spread,
         sig3(batch / median),
-        fmt_load(meter.cores),
+        fmt_load(load),
     ]
 
 
@@ -330,8 +326,10 @@ def machine_lines(device: torch.device) -> list[str]:
     accelerator = torch.cuda.get_device_name(device) if device.type == "cuda" else "none"
     load = " / ".join(f"{v:.2f}" for v in os.getloadavg())
     return [
-        f"- Machine: {cpu}, {os.cpu_count()} logical cores; torch {torch.__version__} with "
-        f"{torch.get_num_threads()} intra-op threads; cleanprior {cleanprior.__version__}",
+        (
+            f"- Machine: {cpu}, {os.cpu_count()} logical cores; torch {torch.__version__} with "
+            f"{torch.get_num_threads()} intra-op threads; cleanprior {cleanprior.__version__}"
+        ),
         f"- Device: `{device}` (accelerator: {accelerator})",
         f"- Command: `{shlex.join(sys.orig_argv)}`",
         f"- Load average (1 / 5 / 15 min) at the start: {load}",
@@ -343,25 +341,25 @@ def training_table(device: torch.device, plan: Plan) -> str:
     vectors = torch.randn(8192, *VECTOR_SHAPE, generator=torch.Generator().manual_seed(0))
     images = mnist5k("train")
     mlp = mlp_denoiser(device)
-    runs: list[tuple[str, nn.Module, Tensor, int, bool, int, int]] = [
-        ("MLP(5), 5-D vectors", mlp, vectors, 1024, False, plan.mlp_warmup, plan.mlp_steps)
+    runs: list[tuple[str, PreconditionedDenoiser, Tensor, int, bool, int, int, int]] = [
+        ("MLP(5), 5-D vectors", mlp, vectors, 1024, False, plan.mlp_warmup, plan.mlp_steps, plan.mlp_repeats)
     ]
     for amp in (False, True):
         steps = plan.amp_steps if amp else plan.unet_steps
         for batch in (64, 128):
             net = unet_denoiser(device)
-            runs.append(("UNet, MNIST 1x28x28", net, images, batch, amp, plan.unet_warmup, steps))
+            runs.append(("UNet, MNIST 1x28x28", net, images, batch, amp, plan.unet_warmup, steps, plan.unet_repeats))
     rows = []
-    for label, net, data, batch, amp, warmup, steps in runs:
-        rows.append(bench_training(label, net, data.to(device), batch, amp, warmup, steps))
+    for label, net, data, batch, amp, warmup, steps, repeats in runs:
+        rows.append(bench_training(label, net, data.to(device), batch, amp, warmup, steps, repeats))
         print(f"  trained {label} batch {batch} amp={amp}: {rows[-1][4]} ms/step", file=sys.stderr)
     headers = [
         "network, data",
         "batch",
         "precision",
-        "timed steps",
+        "repeats x timed steps",
         "ms/step (median)",
-        "ms/step (range)",
+        "ms/step (range over repeats)",
         "samples/s",
         "other load (cores)",
     ]
@@ -408,7 +406,7 @@ def run(device: torch.device, plan: Plan) -> str:
     lines += ["### Parameters", "", parameters, ""]
     print("training ...", file=sys.stderr)
     lines += [
-        "### Training (`cleanprior.train`, wall time between consecutive steps)",
+        "### Training (`cleanprior.train`: (time of warm-up + timed steps - time of warm-up steps) / timed steps)",
         "",
         training_table(device, plan),
         "",
