@@ -741,7 +741,6 @@ class FlowDiffMethod:
         heldout = context.heldout
         if heldout is None or heldout.x is None or self.model is None:
             return {}
-        heldout = heldout.to(context.device)
         generator = round_generator(context.config.seed, 12, device=context.device)
         x = self.model.amortized(heldout.operator, heldout.y, samples=context.evaluation.posterior_samples,
                                  generator=generator).mean(1).cpu()
