@@ -1,16 +1,17 @@
-"""Posterior sampling: guidance rules, methods with their own loops, and the Krylov solvers they use."""
+"""Posterior sampling: guidance rules, methods as sampler steps, and the Krylov solvers they use."""
 
-from cleanprior.posterior.api import LOOPS, METHODS, check_observation, sample_posterior
+from cleanprior.posterior.api import METHOD_TABLE, METHODS, check_observation, method_options, sample_posterior
 from cleanprior.posterior.guidance import DPS, GUIDANCE, MMPS, SDA, TMPD, PiGDM, PosteriorDenoiser, posterior_denoiser
 from cleanprior.posterior.linalg import SOLVERS, SolveResult, Solver, bicgstab, cg, gmres, solve
-from cleanprior.posterior.loops import data_consistency, diffpir, ilvr, mcg
-from cleanprior.posterior.smc import TWISTS, effective_sample_size, systematic_resample, tds
+from cleanprior.posterior.loops import MCG, DataConsistency, DiffPIR, ILVR, data_consistency, diffpir, ilvr, mcg
+from cleanprior.posterior.smc import TDS, TWISTS, effective_sample_size, systematic_resample, tds
 from cleanprior.posterior.decoupled import DAPS, PnPDM, daps, pnpdm
+from cleanprior.posterior.steps import Conditioned, Observation, PosteriorStep
 
 __all__ = [
     "DPS",
     "GUIDANCE",
-    "LOOPS",
+    "METHOD_TABLE",
     "METHODS",
     "MMPS",
     "SDA",
@@ -23,10 +24,19 @@ __all__ = [
     "bicgstab",
     "cg",
     "check_observation",
+    "method_options",
     "gmres",
     "posterior_denoiser",
     "sample_posterior",
     "solve",
+    "Conditioned",
+    "DataConsistency",
+    "DiffPIR",
+    "ILVR",
+    "MCG",
+    "Observation",
+    "PosteriorStep",
+    "TDS",
     "data_consistency",
     "diffpir",
     "ilvr",
