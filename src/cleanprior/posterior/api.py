@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from cleanprior.diffusion.denoiser import Denoiser
-from cleanprior.diffusion.samplers import SAMPLER_OPTIONS, get_sampler, noisy_start
+from cleanprior.diffusion.samplers import SAMPLER_OPTIONS, compiled, get_sampler, noisy_start
 from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN, make_grid
 from cleanprior.operators.base import Operator, as_operator
 from cleanprior.posterior.decoupled import DAPS, PnPDM
@@ -154,8 +154,10 @@ def sample_posterior(
         options: The rule's options (``weight``, ``zeta``, ``solver``, ``iterations``,
             ``guidance`` for ``"pc"``); the sampler's (``eta``, ``corrections``, ``snr``); the
             grid's (``sigma_min``, ``sigma_max``, ``grid``, ``rho``); the CCDF start (``start``,
-            ``sigma_start``); ``progress``. A sampler step's options are those of
-            :func:`method_options`.
+            ``sigma_start``); ``progress``; ``compile`` (run the prior denoiser under
+            :func:`torch.compile`, off by default, see
+            :func:`cleanprior.diffusion.samplers.compiled`). A sampler step's options are those
+            of :func:`method_options`.
 
     Returns:
         Samples, shape ``(B, *shape)``.
@@ -177,6 +179,8 @@ def sample_posterior(
     start = options.pop("start", None)
     sigma_start = options.pop("sigma_start", None)
     progress = bool(options.pop("progress", False))
+    if options.pop("compile", False):
+        denoiser = compiled(denoiser)
     sampler_options = {k: options.pop(k) for k in list(options) if k in SAMPLER_OPTIONS}
 
     dtype = y.real.dtype
