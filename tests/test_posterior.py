@@ -16,7 +16,8 @@ import torch
 from cleanprior import GaussianMixture
 from cleanprior.metrics import sliced_wasserstein
 from cleanprior.operators import FunctionOperator, Matrix
-from cleanprior.posterior import METHODS, posterior_denoiser, sample_posterior
+from cleanprior.diffusion.samplers import NonFiniteError, Sampler
+from cleanprior.posterior import METHODS, method_options, posterior_denoiser, sample_posterior
 
 N = 1000  # posterior samples per check
 NOISE = 0.1
@@ -66,6 +67,43 @@ def test_method_beats_the_prior_on_the_exact_posterior(method, problem):
 def test_every_method_has_a_contract_case():
     names = {name.split("[")[0] for name in CONTRACT}
     assert set(METHODS()) <= names, sorted(set(METHODS()) - names)
+
+
+@pytest.mark.parametrize("method", METHODS())
+def test_every_method_runs_through_the_one_loop(method, monkeypatch):
+    """Every method of the table walks the grid in Sampler.__call__: the outermost call into it
+    is the method's run, and a non-finite denoiser is reported by it, naming a level."""
+    loop = Sampler.__call__
+    runs = []
+
+    def spy(self, *args, **kwargs):
+        runs.append(kwargs.get("check_every", 1))
+        return loop(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sampler, "__call__", spy)
+    prior, A, y = projection_problem()
+    sample_posterior(prior, Matrix(A), y.repeat(4, 1), shape=(2,), noise_std=NOISE, method=method, steps=3,
+                     generator=torch.Generator().manual_seed(0))
+    assert runs and runs[0] != 0, runs  # the first, outermost walk is a checked one
+
+    def broken(x, sigma):
+        return prior(x, sigma) * torch.nan
+
+    with pytest.raises(NonFiniteError, match=r"produced non-finite values .*(sigma|rho)=\d"):
+        sample_posterior(broken, Matrix(A), y.repeat(4, 1), shape=(2,), noise_std=NOISE, method=method, steps=3,
+                         generator=torch.Generator().manual_seed(0))
+
+
+def test_method_options_are_those_of_the_table():
+    assert method_options("daps") == {"langevin_steps", "lr", "lr_min_ratio", "r_scale", "ode_steps"}
+    assert method_options("pnpdm") == {"rho_max", "rho_min", "iterations_outer", "prior_steps", "iterations",
+                                       "langevin_steps", "lr"}
+    assert method_options("tds") == {"particles", "twist", "solver", "iterations", "twist_variance",
+                                     "resample_threshold", "batch_size", "return_info"}
+    assert method_options("dc") == {"mode", "step", "eta"}
+    assert method_options("dps") == {"weight", "zeta", "widen"}
+    assert method_options("mmps") == {"weight", "solver", "iterations"}
+    assert method_options("pc") == {"weight", "solver", "iterations", "guidance"}
 
 
 def test_mmps_is_exact_for_a_gaussian_prior():
