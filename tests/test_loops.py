@@ -8,7 +8,16 @@ import torch
 from cleanprior import GaussianMixture
 from cleanprior.diffusion.samplers import NonFiniteError
 from cleanprior.operators import Downsample, FunctionOperator, Mask, Matrix
-from cleanprior.posterior import METHOD_TABLE, METHODS, DataConsistency, data_consistency, diffpir, ilvr, mcg, sample_posterior
+from cleanprior.posterior import (
+    METHOD_TABLE,
+    METHODS,
+    DataConsistency,
+    data_consistency,
+    diffpir,
+    ilvr,
+    mcg,
+    sample_posterior,
+)
 
 
 def counting(prior):

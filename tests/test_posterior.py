@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from cleanprior import GaussianMixture
+from cleanprior.diffusion.samplers import NonFiniteError, Sampler
 from cleanprior.metrics import sliced_wasserstein
 from cleanprior.operators import FunctionOperator, Matrix
-from cleanprior.diffusion.samplers import NonFiniteError, Sampler
 from cleanprior.posterior import METHODS, method_options, posterior_denoiser, sample_posterior
 
 N = 1000  # posterior samples per check

@@ -39,13 +39,13 @@ from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN, make_grid
 
 __all__ = [
     "CHECK_EVERY",
-    "NonFiniteError",
-    "SAMPLER_OPTIONS",
-    "Sampler",
     "DDIM",
-    "Heun",
-    "PredictorCorrector",
     "SAMPLERS",
+    "SAMPLER_OPTIONS",
+    "Heun",
+    "NonFiniteError",
+    "PredictorCorrector",
+    "Sampler",
     "compiled",
     "ddim_step",
     "get_sampler",

@@ -32,14 +32,22 @@ from cleanprior.diffusion.samplers import SAMPLER_OPTIONS, compiled, get_sampler
 from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN, make_grid
 from cleanprior.operators.base import Operator, as_operator
 from cleanprior.posterior.decoupled import DAPS, PnPDM
-from cleanprior.posterior.guidance import DPS, MMPS, SDA, TMPD, PiGDM, PosteriorDenoiser, posterior_denoiser
-from cleanprior.posterior.loops import MCG, DataConsistency, DiffPIR, ILVR
+from cleanprior.posterior.guidance import (
+    DPS,
+    MMPS,
+    SDA,
+    TMPD,
+    PiGDM,
+    PosteriorDenoiser,
+    posterior_denoiser,
+)
+from cleanprior.posterior.loops import ILVR, MCG, DataConsistency, DiffPIR
 from cleanprior.posterior.smc import TDS
 from cleanprior.posterior.steps import PosteriorStep
 
 __all__ = ["METHODS", "METHOD_TABLE", "check_observation", "method_options", "sample_posterior"]
 
-METHOD_TABLE: dict[str, type[PosteriorDenoiser] | type[PosteriorStep]] = {
+METHOD_TABLE: dict[str, type[PosteriorDenoiser | PosteriorStep]] = {
     # guidance rules: posterior denoisers, run by the sampler named in sample_posterior
     "dps": DPS,
     "mmps": MMPS,

@@ -55,7 +55,7 @@ from cleanprior.posterior.guidance import posterior_denoiser
 from cleanprior.posterior.linalg import solve
 from cleanprior.posterior.steps import Observation, PosteriorStep, per_item
 
-__all__ = ["DataConsistency", "DiffPIR", "ILVR", "MCG", "data_consistency", "diffpir", "ilvr", "mcg"]
+__all__ = ["ILVR", "MCG", "DataConsistency", "DiffPIR", "data_consistency", "diffpir", "ilvr", "mcg"]
 
 _MODES = ("gradient", "projection")
 
