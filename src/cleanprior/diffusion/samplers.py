@@ -15,7 +15,11 @@ loop (:meth:`Sampler.__call__`) and differs only in its update :meth:`Sampler.st
   the new level.
 
 Because the denoiser is the only model they call, the same samplers draw from a prior (a trained
-denoiser), from the exact mixture, or from a posterior (a guided denoiser).
+denoiser), from the exact mixture, or from a posterior (a guided denoiser). A posterior method
+that changes the update itself (DiffPIR, data consistency, ILVR, MCG, TDS, DAPS, PnP-DM) is a step
+with a carried state (:meth:`Sampler.init`, :meth:`Sampler.step`, :meth:`Sampler.finish`; see
+:mod:`cleanprior.posterior.steps`) and runs in the same loop, so that the grid check, the CCDF
+start (:func:`noisy_start`), the progress bar and the non-finite report are written once.
 
 References:
     Song, Meng & Ermon (2021). Denoising Diffusion Implicit Models. https://arxiv.org/abs/2010.02502
@@ -183,6 +187,8 @@ class Sampler:
                 not finite.
             NonFiniteError: If a step produces NaN or infinite values (the level is named).
         """
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(f"check_every must be a non-negative integer, got {check_every!r}")
         levels = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).flatten()]
         check_grid(levels)
         if check_every and not torch.isfinite(x_t).all():
@@ -194,19 +200,22 @@ class Sampler:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(pairs), desc=self.label, unit="step", leave=False)
+        # the index of the first step with non-finite values (len(pairs) while there is none)
         first_bad = torch.full((), len(pairs), dtype=torch.int64, device=x.device)
-        for i, (sigma_t, sigma_s) in enumerate(pairs):
-            x, carry = self.step(denoiser, x, sigma_t, sigma_s, carry, generator)
-            if check_every:
-                unseen = first_bad == len(pairs)
-                first_bad = torch.where(unseen & ~self.finite(x, carry), i, first_bad)
-                if (i + 1) % check_every == 0 or i + 1 == len(pairs):
-                    self._report(int(first_bad), pairs)
+        try:
+            for i, (sigma_t, sigma_s) in enumerate(pairs):
+                x, carry = self.step(denoiser, x, sigma_t, sigma_s, carry, generator)
+                if check_every:
+                    unseen = first_bad == len(pairs)
+                    first_bad = torch.where(unseen & ~self.finite(x, carry), i, first_bad)
+                    if (i + 1) % check_every == 0 or i + 1 == len(pairs):
+                        self._report(int(first_bad), pairs)
+                if bar is not None:
+                    bar.set_postfix(self.postfix(carry), refresh=False)
+                    bar.update()
+        finally:
             if bar is not None:
-                bar.set_postfix(self.postfix(carry), refresh=False)
-                bar.update()
-        if bar is not None:
-            bar.close()
+                bar.close()
         return self.finish(x, carry, generator)
 
     def _report(self, first_bad: int, pairs: list[tuple[float, float]]) -> None:
