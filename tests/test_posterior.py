@@ -94,6 +94,40 @@ def test_every_method_runs_through_the_one_loop(method, monkeypatch):
                          generator=torch.Generator().manual_seed(0))
 
 
+@pytest.mark.parametrize("method", METHODS())
+def test_no_step_reads_a_tensor_on_the_host(method, monkeypatch):
+    """No host synchronisation inside a step: a step never turns a tensor into a Python value
+    (on a GPU each such read waits for the device). The float64 grid levels that a walk inside a
+    step reads are host tensors by construction and are let through."""
+    reads = []
+    depth = [0]
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        def read(self, *args, _name=name, _original=getattr(torch.Tensor, name), **kwargs):
+            if depth[0] and self.dtype != torch.float64:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    for cls in (Sampler, *_subclasses(Sampler)):
+        if "step" in vars(cls):
+            def step(self, *args, _original=vars(cls)["step"], **kwargs):
+                depth[0] += 1
+                try:
+                    return _original(self, *args, **kwargs)
+                finally:
+                    depth[0] -= 1
+
+            monkeypatch.setattr(cls, "step", step)
+    prior, A, y = projection_problem()
+    sample_posterior(prior, Matrix(A), y.repeat(4, 1), shape=(2,), noise_std=NOISE, method=method, steps=3,
+                     generator=torch.Generator().manual_seed(0))
+    assert not reads, reads
+
+
+def _subclasses(cls):
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
 def test_method_options_are_those_of_the_table():
     assert method_options("daps") == {"langevin_steps", "lr", "lr_min_ratio", "r_scale", "ode_steps"}
     assert method_options("pnpdm") == {"rho_max", "rho_min", "iterations_outer", "prior_steps", "iterations",

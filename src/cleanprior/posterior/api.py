@@ -214,7 +214,7 @@ def sample_posterior(
         sampler = "pc"
     guided = posterior_denoiser(denoiser, A, y, noise_std=noise_std, method=method, **options)
     x = get_sampler(sampler, **sampler_options)(guided, x_t, sigmas, generator=generator, progress=progress)
-    breakdowns = getattr(guided, "breakdowns", 0)
+    breakdowns = int(getattr(guided, "breakdowns", 0))
     if breakdowns:
         warnings.warn(
             f"{method}: the {guided.solver} solve broke down {breakdowns} times (per observation and step; "
