@@ -8,7 +8,16 @@ import torch
 from cleanprior import GaussianMixture
 from cleanprior.diffusion.samplers import NonFiniteError
 from cleanprior.operators import Downsample, FunctionOperator, Mask, Matrix
-from cleanprior.posterior import LOOPS, METHODS, data_consistency, diffpir, ilvr, mcg, sample_posterior
+from cleanprior.posterior import (
+    METHOD_TABLE,
+    METHODS,
+    DataConsistency,
+    data_consistency,
+    diffpir,
+    ilvr,
+    mcg,
+    sample_posterior,
+)
 
 
 def counting(prior):
@@ -24,7 +33,7 @@ def counting(prior):
 
 def test_loops_are_registered():
     assert {"diffpir", "dc", "ilvr", "mcg"} <= set(METHODS())
-    assert LOOPS["dc"] is data_consistency
+    assert METHOD_TABLE["dc"] is DataConsistency
 
 
 def test_diffpir_proximal_step_is_the_closed_form():

@@ -14,9 +14,10 @@ import pytest
 import torch
 
 from cleanprior import GaussianMixture
+from cleanprior.diffusion.samplers import NonFiniteError, Sampler
 from cleanprior.metrics import sliced_wasserstein
 from cleanprior.operators import FunctionOperator, Matrix
-from cleanprior.posterior import METHODS, posterior_denoiser, sample_posterior
+from cleanprior.posterior import METHODS, method_options, posterior_denoiser, sample_posterior
 
 N = 1000  # posterior samples per check
 NOISE = 0.1
@@ -66,6 +67,77 @@ def test_method_beats_the_prior_on_the_exact_posterior(method, problem):
 def test_every_method_has_a_contract_case():
     names = {name.split("[")[0] for name in CONTRACT}
     assert set(METHODS()) <= names, sorted(set(METHODS()) - names)
+
+
+@pytest.mark.parametrize("method", METHODS())
+def test_every_method_runs_through_the_one_loop(method, monkeypatch):
+    """Every method of the table walks the grid in Sampler.__call__: the outermost call into it
+    is the method's run, and a non-finite denoiser is reported by it, naming a level."""
+    loop = Sampler.__call__
+    runs = []
+
+    def spy(self, *args, **kwargs):
+        runs.append(kwargs.get("check_every", 1))
+        return loop(self, *args, **kwargs)
+
+    monkeypatch.setattr(Sampler, "__call__", spy)
+    prior, A, y = projection_problem()
+    sample_posterior(prior, Matrix(A), y.repeat(4, 1), shape=(2,), noise_std=NOISE, method=method, steps=3,
+                     generator=torch.Generator().manual_seed(0))
+    assert runs and runs[0] != 0, runs  # the first, outermost walk is a checked one
+
+    def broken(x, sigma):
+        return prior(x, sigma) * torch.nan
+
+    with pytest.raises(NonFiniteError, match=r"produced non-finite values .*(sigma|rho)=\d"):
+        sample_posterior(broken, Matrix(A), y.repeat(4, 1), shape=(2,), noise_std=NOISE, method=method, steps=3,
+                         generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("method", METHODS())
+def test_no_step_reads_a_tensor_on_the_host(method, monkeypatch):
+    """No host synchronisation inside a step: a step never turns a tensor into a Python value
+    (on a GPU each such read waits for the device). The float64 grid levels that a walk inside a
+    step reads are host tensors by construction and are let through."""
+    reads = []
+    depth = [0]
+    for name in ("__bool__", "__int__", "__float__", "__index__", "item", "tolist"):
+        def read(self, *args, _name=name, _original=getattr(torch.Tensor, name), **kwargs):
+            if depth[0] and self.dtype != torch.float64:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    for cls in (Sampler, *_subclasses(Sampler)):
+        if "step" in vars(cls):
+            def step(self, *args, _original=vars(cls)["step"], **kwargs):
+                depth[0] += 1
+                try:
+                    return _original(self, *args, **kwargs)
+                finally:
+                    depth[0] -= 1
+
+            monkeypatch.setattr(cls, "step", step)
+    prior, A, y = projection_problem()
+    sample_posterior(prior, Matrix(A), y.repeat(4, 1), shape=(2,), noise_std=NOISE, method=method, steps=3,
+                     generator=torch.Generator().manual_seed(0))
+    assert not reads, reads
+
+
+def _subclasses(cls):
+    return [c for sub in cls.__subclasses__() for c in (sub, *_subclasses(sub))]
+
+
+def test_method_options_are_those_of_the_table():
+    assert method_options("daps") == {"langevin_steps", "lr", "lr_min_ratio", "r_scale", "ode_steps"}
+    assert method_options("pnpdm") == {"rho_max", "rho_min", "iterations_outer", "prior_steps", "iterations",
+                                       "langevin_steps", "lr"}
+    assert method_options("tds") == {"particles", "twist", "solver", "iterations", "twist_variance",
+                                     "resample_threshold", "batch_size", "return_info"}
+    assert method_options("dc") == {"mode", "step", "eta"}
+    assert method_options("dps") == {"weight", "zeta", "widen"}
+    assert method_options("mmps") == {"weight", "solver", "iterations"}
+    assert method_options("pc") == {"weight", "solver", "iterations", "guidance"}
 
 
 def test_mmps_is_exact_for_a_gaussian_prior():
@@ -184,3 +256,22 @@ def test_solver_breakdowns_are_reported():
         x = sample_posterior(bad, Matrix(torch.eye(2)), torch.zeros(4, 2), shape=(2,), noise_std=0.01,
                              method="mmps", iterations=2, steps=4, sigma_max=1.0, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all()
+
+
+def test_compile_option_differentiates_through_the_compiled_prior(monkeypatch):
+    """MMPS takes vector-Jacobian products through the prior denoiser; compiled (aot_eager backend,
+    the graph inductor would build kernels for) it gives the same samples."""
+    compile_ = torch.compile
+    wrapped = []
+
+    def spy(model, **options):
+        wrapped.append(model)
+        return compile_(model, **{**options, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", spy)
+    prior, A, y = projection_problem()
+    run = lambda **options: sample_posterior(prior, Matrix(A), y.repeat(8, 1), shape=(2,), noise_std=NOISE, method="mmps",  # noqa: E731
+                                             steps=4, generator=torch.Generator().manual_seed(0), **options)
+    plain, compiled = run(), run(compile=True)
+    assert wrapped == [prior]
+    assert torch.allclose(plain, compiled, atol=1e-5)

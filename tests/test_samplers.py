@@ -7,6 +7,7 @@ import torch
 
 from cleanprior import GaussianMixture, sample_prior
 from cleanprior.diffusion import NonFiniteError, edm_grid, get_sampler, sample
+from cleanprior.diffusion.samplers import CHECK_EVERY
 from cleanprior.metrics import sliced_wasserstein
 
 # Steps at which each sampler's discretisation error is well below the tolerances below; first-order
@@ -168,9 +169,48 @@ def test_non_finite_denoiser_output_is_reported_with_its_level():
         sample(broken, torch.zeros(2, 2), [4.0, 2.0, 1.0, 0.5, 0.0])
 
 
+def test_non_finite_report_waits_for_the_check_and_names_the_first_bad_step():
+    """The loop reads its device-side flag every CHECK_EVERY steps, not every step: a breakdown at
+    step 3 of 40 runs on to step CHECK_EVERY, and the report names step 3, not a later one."""
+    levels = torch.linspace(4.0, 0.0, 41, dtype=torch.float64)
+    calls = []
+
+    def broken(x, sigma):
+        calls.append(float(sigma[0]))
+        return x * math.nan if len(calls) == 4 else x * 0.5
+
+    with pytest.raises(NonFiniteError, match=f"from sigma={levels[3].item():.4g} to sigma={levels[4].item():.4g}"):
+        sample(broken, torch.zeros(2, 2), levels)
+    assert len(calls) == CHECK_EVERY
+    calls.clear()
+    with pytest.raises(NonFiniteError, match="from sigma=3.7 to sigma=3.6"):
+        sample(broken, torch.zeros(2, 2), levels[:6])  # a short grid is checked at its end
+    assert torch.isnan(get_sampler("ddim")(lambda x, s: x * math.nan, torch.zeros(2, 2), levels, check_every=0)).all()
+
+
 @pytest.mark.parametrize("name", list(SAMPLERS))
 def test_samples_stay_on_the_device(name, device):
     gm = mixture(2, 3, seed=1).to(device)
     g = torch.Generator(device=device).manual_seed(0)
     x = sample_prior(gm, 16, shape=(2,), steps=8, sampler=name, generator=g)
     assert x.device.type == device.type and x.dtype == torch.float32
+
+
+def test_compile_option_wraps_the_denoiser_and_agrees(monkeypatch):
+    """compile=True hands the denoiser to torch.compile (here with the aot_eager backend, which
+    traces the same graph without building C++ kernels: inductor takes half a minute on a CPU)."""
+    compile_ = torch.compile
+    wrapped = []
+
+    def spy(model, **options):
+        wrapped.append(model)
+        return compile_(model, **{**options, "backend": "aot_eager"})
+
+    monkeypatch.setattr(torch, "compile", spy)
+    gm = mixture(2, 3, seed=1)
+    plain = sample_prior(gm, 8, shape=(2,), steps=6, sampler="heun", generator=torch.Generator().manual_seed(0))
+    assert not wrapped
+    compiled = sample_prior(gm, 8, shape=(2,), steps=6, sampler="heun", generator=torch.Generator().manual_seed(0),
+                            compile=True)
+    assert wrapped == [gm]
+    assert torch.allclose(plain, compiled, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Contract cases of the methods with their own loop (see tests/test_posterior.py).
+"""Contract cases of DiffPIR, data consistency, ILVR and MCG (see tests/test_posterior.py).
 
 Measured on the contract's bimodal problem (64 steps; fraction of the prior's distance, seeds 2, 3,
 4 of the sampler; the exact posterior's own floor measures about 0.14 there): DiffPIR (lam=1,

@@ -15,7 +15,11 @@ loop (:meth:`Sampler.__call__`) and differs only in its update :meth:`Sampler.st
   the new level.
 
 Because the denoiser is the only model they call, the same samplers draw from a prior (a trained
-denoiser), from the exact mixture, or from a posterior (a guided denoiser).
+denoiser), from the exact mixture, or from a posterior (a guided denoiser). A posterior method
+that changes the update itself (DiffPIR, data consistency, ILVR, MCG, TDS, DAPS, PnP-DM) is a step
+with a carried state (:meth:`Sampler.init`, :meth:`Sampler.step`, :meth:`Sampler.finish`; see
+:mod:`cleanprior.posterior.steps`) and runs in the same loop, so that the grid check, the CCDF
+start (:func:`noisy_start`), the progress bar and the non-finite report are written once.
 
 References:
     Song, Meng & Ermon (2021). Denoising Diffusion Implicit Models. https://arxiv.org/abs/2010.02502
@@ -38,14 +42,18 @@ from cleanprior.diffusion.denoiser import Denoiser
 from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN, make_grid
 
 __all__ = [
-    "NonFiniteError",
-    "SAMPLER_OPTIONS",
-    "Sampler",
+    "CHECK_EVERY",
     "DDIM",
-    "Heun",
-    "PredictorCorrector",
     "SAMPLERS",
+    "SAMPLER_OPTIONS",
+    "Heun",
+    "NonFiniteError",
+    "PredictorCorrector",
+    "Sampler",
+    "compiled",
+    "ddim_step",
     "get_sampler",
+    "noisy_start",
     "sample",
     "sample_prior",
 ]
@@ -55,11 +63,47 @@ class NonFiniteError(FloatingPointError):
     """A sampler produced NaN or infinite values."""
 
 
+CHECK_EVERY = 16
+"""Steps between two non-finite checks of :meth:`Sampler.__call__` (each one waits for the device)."""
+
+
 class Sampler:
     r"""The reverse-diffusion loop. Subclasses define :meth:`step`.
 
-    A sampler is stateless between calls; its options are fixed at construction.
+    One loop (:meth:`__call__`) serves every sampler and every posterior method: it checks the
+    grid, walks it behind an optional progress bar, and reports the first level whose step
+    produced NaN or infinite values. A method that needs a state across steps (particles and
+    weights, an auxiliary variable, a step counter) carries it: :meth:`init` makes it,
+    :meth:`step` takes and returns it, :meth:`finish` turns the last one into the result. The
+    prior samplers carry nothing.
+
+    A sampler's options are fixed at construction; all its state between steps is the carry.
     """
+
+    @property
+    def label(self) -> str:
+        """The name in messages and on the progress bar."""
+        return type(self).__name__
+
+    def init(
+        self, denoiser: Denoiser, x_t: Tensor, levels: list[float], generator: torch.Generator | None
+    ) -> tuple[Tensor, Any]:
+        r"""The walk's first iterate and carry, from the start ``x_t`` (shape ``(B, *shape)``).
+
+        Arguments:
+            denoiser: The denoiser.
+            x_t: Samples at ``levels[0]``, shape ``(B, *shape)``.
+            levels: The checked grid.
+            generator: The source of randomness.
+
+        Returns:
+            The iterate (``x_t`` itself here) and the carry (None here).
+        """
+        return x_t, None
+
+    def walk(self, levels: list[float]) -> list[tuple[float, float]]:
+        r"""The pairs :math:`(\sigma_t, \sigma_s)` the loop steps through: the grid's consecutive levels."""
+        return list(zip(levels[:-1], levels[1:]))
 
     def step(
         self,
@@ -67,8 +111,9 @@ class Sampler:
         x_t: Tensor,
         sigma_t: float,
         sigma_s: float,
+        carry: Any,
         generator: torch.Generator | None = None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Any]:
         r"""One update from level :math:`\sigma_t` to :math:`\sigma_s < \sigma_t`.
 
         Arguments:
@@ -76,12 +121,29 @@ class Sampler:
             x_t: Current samples, shape ``(B, *shape)``.
             sigma_t: The current level (> 0).
             sigma_s: The next level (>= 0).
+            carry: The state carried from the previous step (None for the prior samplers).
             generator: The source of randomness of stochastic steps.
 
         Returns:
-            :math:`x_s`, shape ``(B, *shape)``.
+            :math:`x_s`, shape ``(B, *shape)``, and the carry for the next step.
         """
         raise NotImplementedError
+
+    def finite(self, x: Tensor, carry: Any) -> Tensor:
+        """Whether a step's result is finite, as a boolean tensor on the device (no host sync)."""
+        return torch.isfinite(x).all()
+
+    def describe(self, sigma_t: float, sigma_s: float) -> str:
+        """Where a step is, for the non-finite report."""
+        return f"stepping from sigma={sigma_t:.4g} to sigma={sigma_s:.4g}"
+
+    def postfix(self, carry: Any) -> dict[str, str]:
+        """What the progress bar shows beside the step count (read only when the bar is shown)."""
+        return {}
+
+    def finish(self, x: Tensor, carry: Any, generator: torch.Generator | None) -> Any:
+        """The result from the last iterate and carry: the samples ``x``, shape ``(B, *shape)``."""
+        return x
 
     def evaluations(self, steps: int) -> int:
         """The number of denoiser evaluations per sample on a grid of ``steps`` steps."""
@@ -95,11 +157,18 @@ class Sampler:
         *,
         generator: torch.Generator | None = None,
         progress: bool = False,
-    ) -> Tensor:
+        check_every: int = CHECK_EVERY,
+    ) -> Any:
         r"""Run the reverse diffusion from ``x_t`` at ``sigmas[0]`` down the grid.
 
         Starting at an intermediate level with ``x_t = x0_hat + sigmas[0] * z`` is the CCDF
-        shortcut; starting at :math:`\sigma_{\max}` with pure noise samples from scratch.
+        shortcut (:func:`noisy_start`); starting at :math:`\sigma_{\max}` with pure noise samples
+        from scratch.
+
+        The finiteness of each step is folded into a flag on the device (the index of the first
+        bad step), read every ``check_every`` steps and before :meth:`finish`, so that a step
+        never waits for the device; a run that breaks down goes on for at most ``check_every``
+        steps before the report names the step where it broke.
 
         Arguments:
             denoiser: The denoiser.
@@ -107,32 +176,51 @@ class Sampler:
             sigmas: Strictly decreasing levels, shape ``(N + 1,)``, usually ending at 0.
             generator: The source of randomness of stochastic steps.
             progress: Show a progress bar over the steps.
+            check_every: Steps between two reads of the flag; 0 never checks, neither the start
+                nor the steps (a walk inside another method's step, whose own loop checks it).
 
         Returns:
-            Samples at level ``sigmas[-1]``, shape ``(B, *shape)``.
+            The result of :meth:`finish`: samples at level ``sigmas[-1]``, shape ``(B, *shape)``.
 
         Raises:
-            ValueError: If the grid is not strictly decreasing and non-negative.
+            ValueError: If the grid is not strictly decreasing and non-negative, or ``x_t`` is
+                not finite.
             NonFiniteError: If a step produces NaN or infinite values (the level is named).
         """
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 0:
+            raise ValueError(f"check_every must be a non-negative integer, got {check_every!r}")
         levels = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).flatten()]
         check_grid(levels)
-        if not torch.isfinite(x_t).all():
+        if check_every and not torch.isfinite(x_t).all():
             raise ValueError("the initial samples x_t contain NaN or infinite values")
-        pairs = list(zip(levels[:-1], levels[1:]))
+        pairs = self.walk(levels)
+        x, carry = self.init(denoiser, x_t, levels, generator)
+        bar = None
         if progress:
             from tqdm.auto import tqdm
 
-            pairs = tqdm(pairs, desc=type(self).__name__, unit="step", leave=False)
-        x = x_t
-        for sigma_t, sigma_s in pairs:
-            x = self.step(denoiser, x, sigma_t, sigma_s, generator)
-            if not torch.isfinite(x).all():
-                raise NonFiniteError(
-                    f"{type(self).__name__} produced non-finite values stepping from "
-                    f"sigma={sigma_t:.4g} to sigma={sigma_s:.4g}"
-                )
-        return x
+            bar = tqdm(total=len(pairs), desc=self.label, unit="step", leave=False)
+        # the index of the first step with non-finite values (len(pairs) while there is none)
+        first_bad = torch.full((), len(pairs), dtype=torch.int64, device=x.device)
+        try:
+            for i, (sigma_t, sigma_s) in enumerate(pairs):
+                x, carry = self.step(denoiser, x, sigma_t, sigma_s, carry, generator)
+                if check_every:
+                    unseen = first_bad == len(pairs)
+                    first_bad = torch.where(unseen & ~self.finite(x, carry), i, first_bad)
+                    if (i + 1) % check_every == 0 or i + 1 == len(pairs):
+                        self._report(int(first_bad), pairs)
+                if bar is not None:
+                    bar.set_postfix(self.postfix(carry), refresh=False)
+                    bar.update()
+        finally:
+            if bar is not None:
+                bar.close()
+        return self.finish(x, carry, generator)
+
+    def _report(self, first_bad: int, pairs: list[tuple[float, float]]) -> None:
+        if first_bad < len(pairs):
+            raise NonFiniteError(f"{self.label} produced non-finite values {self.describe(*pairs[first_bad])}")
 
     def __repr__(self) -> str:
         options = ", ".join(f"{k}={v!r}" for k, v in vars(self).items())
@@ -183,16 +271,45 @@ class DDIM(Sampler):
         x_t: Tensor,
         sigma_t: float,
         sigma_s: float,
+        carry: Any,
         generator: torch.Generator | None = None,
-    ) -> Tensor:
-        d = _denoise(denoiser, x_t, sigma_t)
-        if sigma_s == 0:
-            return d
-        tau = self.eta * sigma_s * math.sqrt(1 - (sigma_s / sigma_t) ** 2)
-        x_s = d + (math.sqrt(sigma_s**2 - tau**2) / sigma_t) * (x_t - d)
-        if tau > 0:
-            x_s = x_s + tau * _noise(x_t, generator)
-        return x_s
+    ) -> tuple[Tensor, Any]:
+        return ddim_step(denoiser, x_t, sigma_t, sigma_s, self.eta, generator), carry
+
+
+def ddim_step(
+    denoiser: Denoiser,
+    x_t: Tensor,
+    sigma_t: float,
+    sigma_s: float,
+    eta: float,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    r"""The DDIM / DDPM update :math:`x_s = d + \sqrt{\sigma_s^2 - \tau^2}\,(x_t - d)/\sigma_t + \tau z`.
+
+    With :math:`d = D(x_t, \sigma_t)` and :math:`\tau = \eta\, \sigma_s \sqrt{1 - \sigma_s^2/\sigma_t^2}`;
+    :math:`x_s = d` at :math:`\sigma_s = 0`. The step of :class:`DDIM`, shared with the posterior
+    methods that follow it by a step toward the observation.
+
+    Arguments:
+        denoiser: The denoiser.
+        x_t: Samples at :math:`\sigma_t`, shape ``(B, *shape)``.
+        sigma_t: The current level (> 0).
+        sigma_s: The next level (>= 0).
+        eta: Stochasticity in :math:`[0, 1]`.
+        generator: The source of randomness.
+
+    Returns:
+        :math:`x_s`, shape ``(B, *shape)``.
+    """
+    d = _denoise(denoiser, x_t, sigma_t)
+    if sigma_s == 0:
+        return d
+    tau = eta * sigma_s * math.sqrt(1 - (sigma_s / sigma_t) ** 2)
+    x_s = d + (math.sqrt(sigma_s**2 - tau**2) / sigma_t) * (x_t - d)
+    if tau > 0:
+        x_s = x_s + tau * _noise(x_t, generator)
+    return x_s
 
 
 class Heun(Sampler):
@@ -217,14 +334,15 @@ class Heun(Sampler):
         x_t: Tensor,
         sigma_t: float,
         sigma_s: float,
+        carry: Any,
         generator: torch.Generator | None = None,
-    ) -> Tensor:
+    ) -> tuple[Tensor, Any]:
         f_t = (x_t - _denoise(denoiser, x_t, sigma_t)) / sigma_t
         x_euler = x_t + (sigma_s - sigma_t) * f_t
         if sigma_s == 0:
-            return x_euler
+            return x_euler, carry
         f_s = (x_euler - _denoise(denoiser, x_euler, sigma_s)) / sigma_s
-        return x_t + (sigma_s - sigma_t) * 0.5 * (f_t + f_s)
+        return x_t + (sigma_s - sigma_t) * 0.5 * (f_t + f_s), carry
 
     def evaluations(self, steps: int) -> int:
         return 2 * steps - 1
@@ -264,7 +382,9 @@ class PredictorCorrector(Sampler):
             raise ValueError(f"snr must be positive, got {snr}")
         self.corrections = corrections
         self.snr = float(snr)
-        self.predictor = DDIM(eta)
+        if not 0.0 <= eta <= 1.0:
+            raise ValueError(f"eta must lie in [0, 1], got {eta}")
+        self.eta = float(eta)
 
     def step(
         self,
@@ -272,16 +392,17 @@ class PredictorCorrector(Sampler):
         x_t: Tensor,
         sigma_t: float,
         sigma_s: float,
+        carry: Any,
         generator: torch.Generator | None = None,
-    ) -> Tensor:
-        x_s = self.predictor.step(denoiser, x_t, sigma_t, sigma_s, generator)
+    ) -> tuple[Tensor, Any]:
+        x_s = ddim_step(denoiser, x_t, sigma_t, sigma_s, self.eta, generator)
         if sigma_s == 0:
-            return x_s
+            return x_s, carry
         delta = 2 * self.snr**2 * sigma_s**2
         for _ in range(self.corrections):
             s = (_denoise(denoiser, x_s, sigma_s) - x_s) / sigma_s**2
             x_s = x_s + delta * s + math.sqrt(2 * delta) * _noise(x_s, generator)
-        return x_s
+        return x_s, carry
 
     def evaluations(self, steps: int) -> int:
         return steps + self.corrections * (steps - 1)
@@ -329,6 +450,52 @@ def _default_device(denoiser: Denoiser, generator: torch.Generator | None) -> to
         for tensor in denoiser.parameters():
             return tensor.device
     return torch.device("cpu")
+
+
+def noisy_start(
+    x0_hat: Tensor | None,
+    sigma: float,
+    shape: Sequence[int],
+    *,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    r"""The start of a walk at level :math:`\sigma`: :math:`x_\sigma = \hat x_0 + \sigma z`.
+
+    Without ``x0_hat`` this is pure noise :math:`\sigma_{\max} z`, the start from scratch; with an
+    estimate (e.g. :math:`A^+ y`) it is CCDF's shortcut, which runs only the grid below
+    :math:`\sigma`.
+
+    Arguments:
+        x0_hat: An initial estimate, shape ``(B, *shape)``, or None.
+        sigma: The starting level.
+        shape: ``(B, *shape)``, the shape of the start.
+        generator: The source of randomness.
+        dtype: The dtype of the start.
+        device: Its device (that of ``x0_hat`` when given).
+
+    Returns:
+        Shape ``(B, *shape)``.
+
+    References:
+        Chung et al. (2022). Come-Closer-Diffuse-Faster, eq. (8). https://arxiv.org/abs/2112.05146
+    """
+    if x0_hat is None:
+        return sigma * torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    z = torch.randn(x0_hat.shape, generator=generator, dtype=dtype, device=x0_hat.device)
+    return x0_hat.to(dtype) + sigma * z
+
+
+def compiled(denoiser: Denoiser) -> Denoiser:
+    """The denoiser under :func:`torch.compile`, its graph built on the first call.
+
+    Compiling pays off for a network on a GPU called at many levels; it costs a compilation per
+    new input shape (the last, smaller batch of a chunked run is one), so it is an option rather
+    than the default. The guidance rules differentiate through the compiled call by backward
+    products only, which compiled graphs support.
+    """
+    return torch.compile(denoiser, dynamic=False)
 
 
 SAMPLER_OPTIONS = {"eta", "corrections", "snr"}
@@ -395,7 +562,9 @@ def sample_prior(
         generator: The source of randomness (its device is the sampling device by default).
         options: ``eta``, ``corrections``, ``snr`` (sampler options); ``grid`` (``"edm"`` or
             ``"exponential"``) and ``rho`` (grid options); ``device``, ``dtype``,
-            ``batch_size`` (samples per denoiser call, to bound memory) and ``progress``.
+            ``batch_size`` (samples per denoiser call, to bound memory), ``progress`` and
+            ``compile`` (run the denoiser under :func:`torch.compile`, see :func:`compiled`;
+            off by default).
 
     Returns:
         Samples, shape ``(n, *shape)``.
@@ -415,6 +584,8 @@ def sample_prior(
     dtype = options.pop("dtype", torch.float32)
     batch_size = int(options.pop("batch_size", n))
     progress = bool(options.pop("progress", False))
+    if options.pop("compile", False):
+        denoiser = compiled(denoiser)
     if options:
         raise TypeError(f"sample_prior got unknown options {sorted(options)}")
     if batch_size < 1:
@@ -425,8 +596,6 @@ def sample_prior(
     chunks = []
     for start in range(0, n, batch_size):
         size = min(batch_size, n - start)
-        x_T = sigma_max * torch.randn(
-            (size, *shape), generator=generator, device=device, dtype=dtype
-        )
+        x_T = noisy_start(None, sigma_max, (size, *shape), generator=generator, dtype=dtype, device=device)
         chunks.append(runner(denoiser, x_T, sigmas, generator=generator, progress=progress))
     return torch.cat(chunks)

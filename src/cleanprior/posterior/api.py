@@ -1,8 +1,11 @@
 r"""``sample_posterior``: one posterior sample per observation, by any method, from any denoiser.
 
-Guidance rules (:mod:`cleanprior.posterior.guidance`) become posterior denoisers run by any sampler
-of the foundation; ``"pc"`` is the moment-matching denoiser under the predictor-corrector sampler
-(DiEM's low-dimensional experiment); methods with a loop of their own register in ``LOOPS``.
+Every method walks the noise grid through the one loop of
+:class:`cleanprior.diffusion.samplers.Sampler`, in one of two ways, both listed in
+:data:`METHOD_TABLE`: a guidance rule (:mod:`cleanprior.posterior.guidance`) is a posterior
+denoiser run by any sampler (``"pc"`` is the moment-matching denoiser under the
+predictor-corrector sampler, DiEM's low-dimensional experiment); any other method is a
+:class:`cleanprior.posterior.steps.PosteriorStep`, a sampler step with a carried state.
 
 Every method can start late (CCDF, "come closer, diffuse faster"): with ``start=x0_hat`` (or
 ``start="pinv"`` for :math:`A^+ y`) and ``sigma_start``, the chain begins at
@@ -16,36 +19,67 @@ References:
 
 from __future__ import annotations
 
+import inspect
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from cleanprior.diffusion.denoiser import Denoiser
-from cleanprior.diffusion.samplers import SAMPLER_OPTIONS, get_sampler
+from cleanprior.diffusion.samplers import SAMPLER_OPTIONS, compiled, get_sampler, noisy_start
 from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN, make_grid
 from cleanprior.operators.base import Operator, as_operator
-from cleanprior.posterior.guidance import GUIDANCE, posterior_denoiser
+from cleanprior.posterior.decoupled import DAPS, PnPDM
+from cleanprior.posterior.guidance import (
+    DPS,
+    MMPS,
+    SDA,
+    TMPD,
+    PiGDM,
+    PosteriorDenoiser,
+    posterior_denoiser,
+)
+from cleanprior.posterior.loops import ILVR, MCG, DataConsistency, DiffPIR
+from cleanprior.posterior.smc import TDS
+from cleanprior.posterior.steps import PosteriorStep
 
-__all__ = ["LOOPS", "METHODS", "check_observation", "method_options", "sample_posterior"]
+__all__ = ["METHODS", "METHOD_TABLE", "check_observation", "method_options", "sample_posterior"]
 
-LOOPS: dict[str, Callable[..., Tensor]] = {}
-"""Methods with their own loop: ``loop(denoiser, A, y, noise_std, x_t, sigmas, *, generator, progress, **options)``."""
+METHOD_TABLE: dict[str, type[PosteriorDenoiser | PosteriorStep]] = {
+    # guidance rules: posterior denoisers, run by the sampler named in sample_posterior
+    "dps": DPS,
+    "mmps": MMPS,
+    "pigdm": PiGDM,
+    "sda": SDA,
+    "tmpd": TMPD,
+    # a guidance rule (MMPS unless the option guidance names another) under the "pc" sampler
+    "pc": MMPS,
+    # sampler steps with a carried state
+    "diffpir": DiffPIR,
+    "dc": DataConsistency,
+    "ilvr": ILVR,
+    "mcg": MCG,
+    "tds": TDS,
+    "daps": DAPS,
+    "pnpdm": PnPDM,
+}
+"""Every method of :func:`sample_posterior`, by name: its class, whose constructor's keyword-only
+arguments are the method's options."""
 
 
-def METHODS() -> list[str]:  # noqa: N802  (a function so that late registrations are listed)
+def METHODS() -> list[str]:  # noqa: N802  (a function, as its callers know it)
     """The names ``sample_posterior`` accepts."""
-    return sorted({*GUIDANCE, "pc", *LOOPS})
+    return sorted(METHOD_TABLE)
 
 
 def method_options(method: str) -> set[str]:
-    """The options a method's own rule or loop takes by name (beyond the sampler's and the grid's).
+    """The options a method takes by name (beyond the sampler's and the grid's).
 
-    Read from the signatures of the guidance rule's constructors (its class and its bases) or of
-    the method's loop, so that a caller can hand a method only the options it knows (e.g.
-    ``solver`` and ``iterations`` to MMPS, not to DPS).
+    Read from the keyword-only arguments of the constructors of the method's class in
+    :data:`METHOD_TABLE` (and of its bases), so that a caller can hand a method only the options
+    it knows (e.g. ``solver`` and ``iterations`` to MMPS, not to DPS).
 
     Arguments:
         method: A name of :func:`METHODS`.
@@ -56,19 +90,13 @@ def method_options(method: str) -> set[str]:
     Raises:
         ValueError: For an unknown method.
     """
-    import inspect
-
-    from cleanprior.posterior.guidance import PosteriorDenoiser
-
-    if method not in METHODS():
+    if method not in METHOD_TABLE:
         raise ValueError(f"unknown posterior method {method!r}; known methods: {', '.join(METHODS())}")
-    if method in LOOPS:
-        functions: list[Callable[..., Any]] = [LOOPS[method]]
-    else:
-        rule = GUIDANCE["mmps" if method == "pc" else method]
-        functions = [c.__init__ for c in rule.__mro__ if issubclass(c, PosteriorDenoiser) and "__init__" in vars(c)]
-    kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    return {p.name for f in functions for p in inspect.signature(f).parameters.values() if p.kind in kinds} - {"self"}
+    constructors = [c.__init__ for c in METHOD_TABLE[method].__mro__ if "__init__" in vars(c)
+                    and issubclass(c, (PosteriorDenoiser, PosteriorStep))]
+    options = {p.name for f in constructors for p in inspect.signature(f).parameters.values()
+               if p.kind == inspect.Parameter.KEYWORD_ONLY}
+    return options | {"guidance"} if method == "pc" else options
 
 
 def check_observation(A: Operator, y: Tensor, shape: Sequence[int], noise_std: float | Tensor) -> None:
@@ -125,15 +153,19 @@ def sample_posterior(
         y: Observations, shape ``(B, *y_shape)``; repeat it for several samples per observation.
         shape: The shape of one signal.
         noise_std: :math:`\sigma_y`, a float or shape ``(B,)``.
-        method: ``"dps"``, ``"mmps"``, ``"pigdm"``, ``"sda"``, ``"tmpd"``, ``"pc"``, or a method
-            with its own loop (``METHODS()`` lists them).
+        method: ``"dps"``, ``"mmps"``, ``"pigdm"``, ``"sda"``, ``"tmpd"``, ``"pc"``, or a sampler
+            step (``"diffpir"``, ``"dc"``, ``"ilvr"``, ``"mcg"``, ``"tds"``, ``"daps"``,
+            ``"pnpdm"``); :data:`METHOD_TABLE` lists them.
         steps: The number of grid steps (below ``sigma_start`` when starting late).
         sampler: The sampler that runs a guidance rule (``ddim``, ``ddpm``, ``heun``, ``pc``).
         generator: The source of randomness.
         options: The rule's options (``weight``, ``zeta``, ``solver``, ``iterations``,
             ``guidance`` for ``"pc"``); the sampler's (``eta``, ``corrections``, ``snr``); the
             grid's (``sigma_min``, ``sigma_max``, ``grid``, ``rho``); the CCDF start (``start``,
-            ``sigma_start``); ``progress``.
+            ``sigma_start``); ``progress``; ``compile`` (run the prior denoiser under
+            :func:`torch.compile`, off by default, see
+            :func:`cleanprior.diffusion.samplers.compiled`). A sampler step's options are those
+            of :func:`method_options`.
 
     Returns:
         Samples, shape ``(B, *shape)``.
@@ -142,9 +174,8 @@ def sample_posterior(
         ValueError: For an unknown method, or a ``y`` that does not fit the operator and
             ``shape`` (before any sampling).
     """
-    known = METHODS()
-    if method not in known:
-        raise ValueError(f"unknown posterior method {method!r}; known methods: {', '.join(known)}")
+    if method not in METHOD_TABLE:
+        raise ValueError(f"unknown posterior method {method!r}; known methods: {', '.join(METHODS())}")
     A = as_operator(forward)
     shape = tuple(int(s) for s in shape)
     check_observation(A, y, shape, noise_std)
@@ -156,6 +187,8 @@ def sample_posterior(
     start = options.pop("start", None)
     sigma_start = options.pop("sigma_start", None)
     progress = bool(options.pop("progress", False))
+    if options.pop("compile", False):
+        denoiser = compiled(denoiser)
     sampler_options = {k: options.pop(k) for k in list(options) if k in SAMPLER_OPTIONS}
 
     dtype = y.real.dtype
@@ -168,22 +201,20 @@ def sample_posterior(
             start = A.pinv(y) if getattr(A, "has_pinv", False) else A.adjoint(y)
         if tuple(start.shape) != (y.shape[0], *shape):
             raise ValueError(f"start must have shape {(y.shape[0], *shape)}, got {tuple(start.shape)}")
-        sigmas = make_grid(steps, sigma_min, float(sigma_start), grid=grid, rho=rho)
-        x_t = start.to(dtype) + float(sigma_start) * torch.randn(start.shape, generator=generator, dtype=dtype, device=y.device)
-    else:
-        sigmas = make_grid(steps, sigma_min, sigma_max, grid=grid, rho=rho)
-        x_t = sigma_max * torch.randn((y.shape[0], *shape), generator=generator, dtype=dtype, device=y.device)
+        sigma_max = float(sigma_start)
+    sigmas = make_grid(steps, sigma_min, sigma_max, grid=grid, rho=rho)
+    x_t = noisy_start(start, sigma_max, (y.shape[0], *shape), generator=generator, dtype=dtype, device=y.device)
 
-    if method in LOOPS:
-        return LOOPS[method](
-            denoiser, A, y, noise_std, x_t, sigmas, generator=generator, progress=progress, **sampler_options, **options
-        )
+    rule = METHOD_TABLE[method]
+    if issubclass(rule, PosteriorStep):
+        step = rule(**sampler_options, **options)
+        return step(denoiser, A, y, noise_std, x_t, sigmas, generator=generator, progress=progress)
     if method == "pc":
         method = options.pop("guidance", "mmps")
         sampler = "pc"
     guided = posterior_denoiser(denoiser, A, y, noise_std=noise_std, method=method, **options)
     x = get_sampler(sampler, **sampler_options)(guided, x_t, sigmas, generator=generator, progress=progress)
-    breakdowns = getattr(guided, "breakdowns", 0)
+    breakdowns = int(getattr(guided, "breakdowns", 0))
     if breakdowns:
         warnings.warn(
             f"{method}: the {guided.solver} solve broke down {breakdowns} times (per observation and step; "

@@ -2,7 +2,10 @@ r"""Decoupled posterior samplers: DAPS and PnP-DM alternate a prior move and a l
 
 Neither differentiates through the network: the prior enters only through denoiser calls, the
 likelihood :math:`p(y \mid x) = \mathcal{N}(y; A(x), \sigma_y^2 I)` only through :math:`A`, its
-adjoint or its vector-Jacobian product.
+adjoint or its vector-Jacobian product. Both are steps of the one sampling loop
+(:class:`cleanprior.posterior.steps.PosteriorStep`): DAPS steps down the grid carrying its
+Langevin curvature and step index, PnP-DM walks its couplings :math:`\rho_k`, one Gibbs sweep a
+step.
 
 - :class:`DAPS` (decoupled annealing). On the decreasing grid :math:`\sigma_0 > \dots > \sigma_N = 0`,
   from :math:`x_{t_i}`: estimate :math:`\hat x_0 = D(x_{t_i}, \sigma_i)` (or run ``ode_steps``
@@ -61,18 +64,18 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from cleanprior.diffusion.denoiser import Denoiser
-from cleanprior.diffusion.samplers import DDIM, NonFiniteError, check_grid
+from cleanprior.diffusion.samplers import DDIM, check_grid
 from cleanprior.diffusion.schedules import make_grid
-from cleanprior.operators.base import Operator, as_operator, inner
-from cleanprior.posterior.api import LOOPS
+from cleanprior.operators.base import Operator, inner
 from cleanprior.posterior.linalg import cg
+from cleanprior.posterior.steps import Observation, PosteriorStep, per_item
 
 __all__ = ["DAPS", "PnPDM", "daps", "pnpdm"]
 
@@ -89,11 +92,6 @@ def _positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
-
-
-def _per_item(value: Tensor, like: Tensor) -> Tensor:
-    """A per-observation ``(B,)`` value shaped to multiply ``like``, ``(B, 1, ..., 1)``."""
-    return value.reshape((-1,) + (1,) * (like.ndim - 1))
 
 
 def _noise_std(noise_std: float | Tensor, y: Tensor) -> Tensor:
@@ -124,19 +122,6 @@ def _levels(sigmas: Tensor | Sequence[float]) -> list[float]:
     return levels
 
 
-def _progress(items: Sequence[Any], desc: str, progress: bool) -> Iterable[Any]:
-    if not progress:
-        return items
-    from tqdm.auto import tqdm
-
-    return tqdm(items, desc=desc, unit="step", leave=False)
-
-
-def _check_finite(method: str, x: Tensor, where: str) -> None:
-    if not torch.isfinite(x).all():
-        raise NonFiniteError(f"{method} produced non-finite values at {where}")
-
-
 class _Likelihood:
     r"""The Gaussian likelihood :math:`p(y \mid x) = \mathcal{N}(y; A(x), \sigma_y^2 I)`.
 
@@ -154,7 +139,7 @@ class _Likelihood:
     def score(self, x: Tensor) -> Tensor:
         r""":math:`\nabla_x \log p(y \mid x) = J_A(x)^\top (y - A(x)) / \sigma_y^2`, shape ``(B, *shape)``."""
         residual = self.y - self.A(x)
-        v = residual / _per_item(self.noise_std, residual) ** 2
+        v = residual / per_item(self.noise_std, residual) ** 2
         g = self.A.adjoint(v) if self.A.linear else self.A.vjp(x, v)
         return g.real if g.is_complex() and not x.is_complex() else g
 
@@ -164,7 +149,7 @@ class _Likelihood:
         v = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         eigenvalue = torch.zeros(x.shape[0], dtype=x.real.dtype, device=x.device)
         for _ in range(_POWER_ITERATIONS):
-            v = v / _per_item(inner(v, v).sqrt().clamp_min(torch.finfo(eigenvalue.dtype).tiny), v)
+            v = v / per_item(inner(v, v).sqrt().clamp_min(torch.finfo(eigenvalue.dtype).tiny), v)
             w = self._gauss_newton(x, v)
             eigenvalue = inner(v, w)
             v = w
@@ -176,7 +161,7 @@ class _Likelihood:
         else:
             # A central difference gives J v to O(h^2) without forward-mode support in A.
             h = 1e-3 * (1 + inner(x, x).sqrt() / math.sqrt(x[0].numel()))
-            h = _per_item(h, x)
+            h = per_item(h, x)
             jv = (self.A(x + h * v) - self.A(x - h * v)) / (2 * h.reshape((-1,) + (1,) * (self.y.ndim - 1)))
             g = self.A.vjp(x, jv)
         return g.real if g.is_complex() and not x.is_complex() else g
@@ -209,13 +194,47 @@ def _langevin(
     Returns:
         Shape ``(B, *shape)``.
     """
-    eta = _per_item(lr / (1 / scale**2 + curvature), center)
+    eta = per_item(lr / (1 / scale**2 + curvature), center)
     noise_scale = torch.sqrt(2 * eta)
     x = center
     for _ in range(steps):
         drift = likelihood.score(x) - (x - center) / scale**2
         x = x + eta * drift + noise_scale * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
     return x
+
+
+class _Annealing(NamedTuple):
+    r"""The carry of :class:`DAPS`.
+
+    Attributes:
+        likelihood: The likelihood of the observation.
+        counted: The prior denoiser, counting its calls.
+        floor: The grid's smallest positive level.
+        last: The index of the last step.
+        curvature: The Langevin curvature bound, shape ``(B,)``, set at the first step.
+        index: The index of the next step.
+    """
+
+    likelihood: _Likelihood
+    counted: Denoiser
+    floor: float
+    last: int
+    curvature: Tensor | None
+    index: int
+
+
+class _Coupling(NamedTuple):
+    r"""The carry of :class:`PnPDM`.
+
+    Attributes:
+        std: :math:`\sigma_y`, shape ``(B,)``.
+        curvature: The Langevin curvature bound for a non-linear :math:`A`, shape ``(B,)``.
+        floor: The grid's smallest positive level, the prior steps' floor.
+    """
+
+    std: Tensor
+    curvature: Tensor | None
+    floor: float
 
 
 class _Counted:
@@ -230,7 +249,7 @@ class _Counted:
         return self.denoiser(x_t, sigma)
 
 
-class DAPS:
+class DAPS(PosteriorStep):
     r"""Decoupled annealing posterior sampling.
 
     See the module's docstring for the equations. The Langevin step :math:`\eta_i` is annealed
@@ -255,6 +274,8 @@ class DAPS:
         Annealing, algorithm 1. https://arxiv.org/abs/2407.01521
     """
 
+    label = "DAPS"
+
     def __init__(
         self,
         *,
@@ -275,70 +296,56 @@ class DAPS:
         self.ode_steps = _positive_int("ode_steps", ode_steps, minimum=0)
         self.evaluations = 0
 
-    def __call__(
+    def init(
         self,
         denoiser: Denoiser,
-        A: Operator | Any,
-        y: Tensor,
-        noise_std: float | Tensor,
+        observation: Observation,
         x_t: Tensor,
-        sigmas: Tensor | Sequence[float],
-        *,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> Tensor:
-        r"""Run DAPS down the grid from ``x_t``.
-
-        Arguments:
-            denoiser: The prior denoiser.
-            A: The forward model (linear or not).
-            y: Observations, shape ``(B, *y_shape)``.
-            noise_std: :math:`\sigma_y`, a float or shape ``(B,)``.
-            x_t: Samples at level ``sigmas[0]``, shape ``(B, *shape)``.
-            sigmas: Decreasing levels ending at 0, shape ``(N + 1,)``.
-            generator: The source of randomness.
-            progress: Show a progress bar over the levels.
-
-        Returns:
-            Samples, shape ``(B, *shape)``.
+        levels: list[float],
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, _Annealing]:
+        r"""The carry: the likelihood, the counted denoiser, the grid's floor and last index.
 
         Raises:
-            ValueError: For a bad grid or noise level.
-            NonFiniteError: If a level produces NaN or infinite values (the level is named).
+            ValueError: For a grid that does not end at 0 or a bad noise level.
         """
-        levels = _levels(sigmas)
-        likelihood = _Likelihood(as_operator(A), y, _noise_std(noise_std, y))
-        counted = _Counted(denoiser, self)
-        floor = levels[-2]
-        last = len(levels) - 2
-        curvature = None
-        x = x_t.detach()
-        for i in _progress(range(len(levels) - 1), "DAPS", progress):
-            sigma, sigma_next = levels[i], levels[i + 1]
-            with torch.no_grad():
-                if self.ode_steps > 0 and sigma > floor:
-                    try:
-                        x0_hat = DDIM(0.0)(counted, x, make_grid(self.ode_steps, floor, sigma))
-                    except NonFiniteError as error:
-                        raise NonFiniteError(f"DAPS produced non-finite values at sigma={sigma:.4g}: {error}") from error
-                else:
-                    x0_hat = counted(x, torch.full((x.shape[0],), sigma, dtype=x.dtype, device=x.device))
-            if curvature is None:
-                # Two points, because one can sit where J_A vanishes (the kink of |x| at 0).
-                curvature = torch.maximum(likelihood.curvature(x0_hat, generator), likelihood.curvature(x, generator))
-            lr = self.lr * (1 - (1 - self.lr_min_ratio) * (i / last if last > 0 else 1.0))
-            x0 = _langevin(likelihood, x0_hat, self.r_scale * sigma, curvature, steps=self.langevin_steps,
-                           lr=lr, generator=generator)
-            x = x0 + sigma_next * torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device) if sigma_next > 0 else x0
-            _check_finite("DAPS", x, f"sigma={sigma:.4g}")
-        return x
+        levels = _levels(levels)
+        A, y, noise_std = observation
+        likelihood = _Likelihood(A, y, _noise_std(noise_std, y))
+        return x_t.detach(), _Annealing(likelihood, _Counted(denoiser, self), levels[-2], len(levels) - 2, None, 0)
+
+    def step(
+        self,
+        denoiser: Denoiser,
+        observation: Observation,
+        x_t: Tensor,
+        sigma_t: float,
+        sigma_s: float,
+        carry: _Annealing,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, _Annealing]:
+        likelihood, counted, floor, last, curvature, i = carry
+        with torch.no_grad():
+            if self.ode_steps > 0 and sigma_t > floor:
+                # a walk inside this step: its result is checked with the step's
+                x0_hat = DDIM(0.0)(counted, x_t, make_grid(self.ode_steps, floor, sigma_t), check_every=0)
+            else:
+                x0_hat = counted(x_t, torch.full((x_t.shape[0],), sigma_t, dtype=x_t.dtype, device=x_t.device))
+        if curvature is None:
+            # Two points, because one can sit where J_A vanishes (the kink of |x| at 0).
+            curvature = torch.maximum(likelihood.curvature(x0_hat, generator), likelihood.curvature(x_t, generator))
+        lr = self.lr * (1 - (1 - self.lr_min_ratio) * (i / last if last > 0 else 1.0))
+        x0 = _langevin(likelihood, x0_hat, self.r_scale * sigma_t, curvature, steps=self.langevin_steps,
+                       lr=lr, generator=generator)
+        x_s = x0 + sigma_s * torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=x0.device) if sigma_s > 0 else x0
+        return x_s, _Annealing(likelihood, counted, floor, last, curvature, i + 1)
 
     def __repr__(self) -> str:
         return (f"DAPS(langevin_steps={self.langevin_steps}, lr={self.lr}, lr_min_ratio={self.lr_min_ratio}, "
                 f"r_scale={self.r_scale}, ode_steps={self.ode_steps})")
 
 
-class PnPDM:
+class PnPDM(PosteriorStep):
     r"""Plug-and-play diffusion models: split Gibbs sampling with an annealed coupling :math:`\rho`.
 
     See the module's docstring for the equations. Outer iteration :math:`k = 0, \dots, K - 1`
@@ -371,6 +378,8 @@ class PnPDM:
         Priors, algorithm 1. https://arxiv.org/abs/2405.18782
         Papandreou & Yuille (2010). Gaussian Sampling by Local Perturbations.
     """
+
+    label = "PnP-DM"
 
     def __init__(
         self,
@@ -445,8 +454,8 @@ class PnPDM:
             if curvature is None:
                 curvature = likelihood.curvature(x, generator)
             return _langevin(likelihood, x, rho, curvature, steps=self.langevin_steps, lr=self.lr, generator=generator)
-        precision_y = _per_item(1 / noise_std**2, x)
-        perturbed_y = y + _per_item(noise_std, y) * _normal(y, generator)
+        precision_y = per_item(1 / noise_std**2, x)
+        perturbed_y = y + per_item(noise_std, y) * _normal(y, generator)
         perturbed_x = x + rho * torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         adjoint = A.adjoint(perturbed_y)
         b = precision_y * (adjoint.real if adjoint.is_complex() and not x.is_complex() else adjoint) + perturbed_x / rho**2
@@ -476,59 +485,55 @@ class PnPDM:
             generator: The source of randomness.
 
         Returns:
-            :math:`x`, shape ``(B, *shape)``.
+            :math:`x`, shape ``(B, *shape)``; non-finite values are not checked here but by the
+            loop that runs the sweep.
         """
         grid = make_grid(self.prior_steps, min(floor, rho / 2), rho)
-        try:
-            with torch.no_grad():
-                return DDIM(1.0)(_Counted(denoiser, self), z, grid, generator=generator)
-        except NonFiniteError as error:
-            raise NonFiniteError(f"PnP-DM produced non-finite values in the prior step with rho={rho:.4g}: {error}") from error
+        with torch.no_grad():
+            # a walk inside a sweep: its result is checked with the sweep's
+            return DDIM(1.0)(_Counted(denoiser, self), z, grid, generator=generator, check_every=0)
 
-    def __call__(
-        self,
-        denoiser: Denoiser,
-        A: Operator | Any,
-        y: Tensor,
-        noise_std: float | Tensor,
-        x_t: Tensor,
-        sigmas: Tensor | Sequence[float],
-        *,
-        generator: torch.Generator | None = None,
-        progress: bool = False,
-    ) -> Tensor:
-        r"""Run the annealed split Gibbs sampler from :math:`x = x_t`.
-
-        Arguments:
-            denoiser: The prior denoiser.
-            A: The forward model (linear or not).
-            y: Observations, shape ``(B, *y_shape)``.
-            noise_std: :math:`\sigma_y`, a float or shape ``(B,)``.
-            x_t: The initial :math:`x`, shape ``(B, *shape)``.
-            sigmas: The sampling grid, shape ``(N + 1,)``: it sets the default couplings and
-                number of sweeps, and its smallest positive level is the prior steps' floor.
-            generator: The source of randomness.
-            progress: Show a progress bar over the sweeps.
-
-        Returns:
-            The last prior sample :math:`x`, shape ``(B, *shape)``.
+    def walk(self, levels: list[float]) -> list[tuple[float, float]]:
+        r"""The sweeps: pairs :math:`(\rho_k, \rho_{k+1})`, the last :math:`(\rho_{K-1}, 0)`.
 
         Raises:
-            ValueError: For a bad grid, noise level or couplings.
-            NonFiniteError: If a sweep produces NaN or infinite values (the coupling is named).
+            ValueError: If the defaults taken from the grid leave :math:`\rho_{\min} > \rho_{\max}`.
         """
-        rhos = self.schedule(sigmas)
-        floor = _levels(sigmas)[-2]
-        A = as_operator(A)
+        rhos = self.schedule(levels)
+        return list(zip(rhos, [*rhos[1:], 0.0]))
+
+    def init(
+        self,
+        denoiser: Denoiser,
+        observation: Observation,
+        x_t: Tensor,
+        levels: list[float],
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, _Coupling]:
+        r"""The carry: :math:`\sigma_y` per observation, the Langevin curvature (non-linear
+        :math:`A` only) and the grid's smallest positive level, the prior steps' floor."""
+        A, y, noise_std = observation
         std = _noise_std(noise_std, y)
         curvature = None if A.linear else _Likelihood(A, y, std).curvature(x_t, generator)
-        x = x_t.detach()
-        for rho in _progress(rhos, "PnP-DM", progress):
-            z = self.likelihood_step(A, y, std, x, rho, generator=generator, curvature=curvature)
-            _check_finite("PnP-DM", z, f"the likelihood step with rho={rho:.4g}")
-            x = self.prior_step(denoiser, z, rho, floor=floor, generator=generator)
-            _check_finite("PnP-DM", x, f"the prior step with rho={rho:.4g}")
-        return x
+        return x_t.detach(), _Coupling(std, curvature, _levels(levels)[-2])
+
+    def step(
+        self,
+        denoiser: Denoiser,
+        observation: Observation,
+        x_t: Tensor,
+        sigma_t: float,
+        sigma_s: float,
+        carry: _Coupling,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, _Coupling]:
+        r"""One sweep at :math:`\rho = \sigma_t`: the likelihood step, then the prior step."""
+        A, y, _ = observation
+        z = self.likelihood_step(A, y, carry.std, x_t, sigma_t, generator=generator, curvature=carry.curvature)
+        return self.prior_step(denoiser, z, sigma_t, floor=carry.floor, generator=generator), carry
+
+    def describe(self, sigma_t: float, sigma_s: float) -> str:
+        return f"in the likelihood or prior step with rho={sigma_t:.4g}"
 
     def __repr__(self) -> str:
         return (f"PnPDM(rho_max={self.rho_max}, rho_min={self.rho_min}, iterations_outer={self.iterations_outer}, "
@@ -547,7 +552,7 @@ def daps(
     progress: bool = False,
     **options: Any,
 ) -> Tensor:
-    r"""DAPS as a ``LOOPS`` entry: ``DAPS(**options)(...)``; options are those of :class:`DAPS`.
+    r"""DAPS run by the one sampling loop: ``DAPS(**options)(...)``; options are those of :class:`DAPS`.
 
     Returns:
         Samples, shape ``(B, *shape)``.
@@ -567,13 +572,10 @@ def pnpdm(
     progress: bool = False,
     **options: Any,
 ) -> Tensor:
-    r"""PnP-DM as a ``LOOPS`` entry: ``PnPDM(**options)(...)``; options are those of :class:`PnPDM`.
+    r"""PnP-DM run by the one sampling loop: ``PnPDM(**options)(...)``; options are those of :class:`PnPDM`.
 
     Returns:
         Samples, shape ``(B, *shape)``.
     """
     return PnPDM(**options)(denoiser, A, y, noise_std, x_t, sigmas, generator=generator, progress=progress)
 
-
-LOOPS["daps"] = daps
-LOOPS["pnpdm"] = pnpdm

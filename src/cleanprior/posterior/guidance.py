@@ -198,6 +198,10 @@ class _Gaussian(PosteriorDenoiser):
         solver: ``"cg"``, ``"gmres"`` or ``"bicgstab"``.
         iterations: Krylov iterations (1 to 5 suffice in practice; DiEM uses 1 to 3).
         kwargs: Those of :class:`PosteriorDenoiser`.
+
+    Attributes:
+        breakdowns: Solves that broke down, per observation and step, summed on the device (a
+            tensor once a solve ran) so that a step never waits to count them.
     """
 
     def __init__(self, *args: Any, solver: str = "cg", iterations: int = 3, **kwargs: Any) -> None:
@@ -210,7 +214,7 @@ class _Gaussian(PosteriorDenoiser):
             raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
         self.solver = solver
         self.iterations = iterations
-        self.breakdowns = 0
+        self.breakdowns: int | Tensor = 0
 
     def cov(self, x_t: Tensor, d: Tensor, sigma: Tensor, v: Tensor) -> Tensor:
         raise NotImplementedError
@@ -227,7 +231,7 @@ class _Gaussian(PosteriorDenoiser):
             return noise_var * v + A(self.cov(x_t, d, sigma, A.adjoint(v)))
 
         result = solve(self.solver, matvec, r, iterations=self.iterations)
-        self.breakdowns += int(result.breakdown.sum())
+        self.breakdowns = self.breakdowns + result.breakdown.sum()
         return self.vjp(x_t, d, A.adjoint(result.x).to(d.dtype))
 
 

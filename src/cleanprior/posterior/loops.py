@@ -1,4 +1,4 @@
-r"""Posterior samplers with a loop of their own: DiffPIR, data consistency, ILVR and MCG.
+r"""DiffPIR, data consistency, ILVR and MCG: posterior methods as steps of the one sampling loop.
 
 Each alternates an unconditional reverse-diffusion step with a step toward the observation
 :math:`y = A x + n`, :math:`n \sim \mathcal{N}(0, \sigma_y^2 I)`, on a decreasing grid
@@ -24,8 +24,10 @@ ILVR's low-frequency replacement and MCG's projection are the same map: since
 :math:`A^+ A A^+ = A^+`, :math:`\Phi(A^+ y + \sigma_s z) = A^+(y + \sigma_s A z)`, so both are
 :math:`x_s - A^+(A x_s - y_s)`; MCG adds the DPS gradient before it.
 
-All four register in :data:`cleanprior.posterior.api.LOOPS` and take the arguments
-``(denoiser, A, y, noise_std, x_t, sigmas, *, generator, progress, **options)``.
+Each is a :class:`cleanprior.posterior.steps.PosteriorStep` (:class:`DiffPIR`,
+:class:`DataConsistency`, :class:`ILVR`, :class:`MCG`) run by the loop of
+:class:`cleanprior.diffusion.samplers.Sampler`; the functions of the same names call them with the
+arguments ``(denoiser, A, y, noise_std, x_t, sigmas, *, generator, progress, **options)``.
 
 References:
     Zhu et al. (2023). Denoising Diffusion Models for Plug-and-Play Image Restoration (DiffPIR),
@@ -41,45 +43,21 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from cleanprior.diffusion.denoiser import Denoiser, batch_sigma
-from cleanprior.diffusion.samplers import DDIM, NonFiniteError, check_grid
+from cleanprior.diffusion.samplers import ddim_step
 from cleanprior.operators.base import Operator, inner
-from cleanprior.posterior.api import LOOPS
 from cleanprior.posterior.guidance import posterior_denoiser
 from cleanprior.posterior.linalg import solve
+from cleanprior.posterior.steps import Observation, PosteriorStep, per_item
 
-__all__ = ["diffpir", "data_consistency", "ilvr", "mcg"]
+__all__ = ["ILVR", "MCG", "DataConsistency", "DiffPIR", "data_consistency", "diffpir", "ilvr", "mcg"]
 
 _MODES = ("gradient", "projection")
-
-
-def _levels(
-    method: str, x_t: Tensor, sigmas: Tensor | Sequence[float], progress: bool
-) -> Iterable[tuple[float, float]]:
-    """The pairs ``(sigma_t, sigma_s)`` of a checked grid, behind a progress bar if asked."""
-    levels = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).flatten()]
-    check_grid(levels)
-    if not torch.isfinite(x_t).all():
-        raise ValueError("the initial samples x_t contain NaN or infinite values")
-    pairs: Iterable[tuple[float, float]] = list(zip(levels[:-1], levels[1:]))
-    if progress:
-        from tqdm.auto import tqdm
-
-        pairs = tqdm(pairs, desc=method, unit="step", leave=False)
-    return pairs
-
-
-def _check_finite(method: str, x: Tensor, sigma_t: float, sigma_s: float) -> None:
-    if not torch.isfinite(x).all():
-        raise NonFiniteError(
-            f"{method} produced non-finite values stepping from sigma={sigma_t:.4g} "
-            f"to sigma={sigma_s:.4g}"
-        )
 
 
 def _check_linear(method: str, A: Operator, *, pinv: bool) -> None:
@@ -100,11 +78,6 @@ def _check_linear(method: str, A: Operator, *, pinv: bool) -> None:
 def _check_eta(eta: float) -> None:
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must lie in [0, 1], got {eta}")
-
-
-def _per_item(value: Tensor, like: Tensor) -> Tensor:
-    """A scalar or per-observation ``(B,)`` value shaped to multiply ``like``, ``(B, ...)``."""
-    return value.reshape((-1,) + (1,) * (like.ndim - 1)) if value.ndim > 0 else value
 
 
 def _diffused(
@@ -136,27 +109,14 @@ def _gram_norm(
     v = torch.randn(like.shape, generator=generator, dtype=like.dtype, device=like.device)
     norm = inner(v, v).sqrt()
     for _ in range(iterations):
-        v = v / _per_item(norm.clamp_min(torch.finfo(norm.dtype).tiny), v)
+        v = v / per_item(norm.clamp_min(torch.finfo(norm.dtype).tiny), v)
         v = A.gram(v).to(like.dtype)
         norm = inner(v, v).sqrt()
     return norm
 
 
-@torch.no_grad()
-def diffpir(
-    denoiser: Denoiser,
-    A: Operator,
-    y: Tensor,
-    noise_std: float | Tensor,
-    x_t: Tensor,
-    sigmas: Tensor | Sequence[float],
-    *,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-    lam: float = 1.0,
-    zeta: float = 0.3,
-    iterations: int = 5,
-) -> Tensor:
+
+class DiffPIR(PosteriorStep):
     r"""DiffPIR: a proximal data step on the denoised estimate, then a partial re-noising.
 
     From :math:`x_t` at level :math:`\sigma_t`, with :math:`d = D(x_t, \sigma_t)`:
@@ -177,7 +137,281 @@ def diffpir(
 
     The re-noising is the DDIM step of the samplers with :math:`d` replaced by :math:`\hat x_0` and
     :math:`\tau = \sqrt{\zeta}\, \sigma_s`: :math:`\zeta` plays the role of ``eta``, which DiffPIR
-    does not take.
+    does not take. The carry is :math:`A^\top y`, shape ``(B, *shape)``, and
+    :math:`\sigma_y^2` shaped to multiply it.
+
+    Arguments:
+        lam: :math:`\lambda > 0`, the weight of the prior in the proximal step.
+        zeta: :math:`\zeta \in [0, 1]`, the share of fresh noise in the re-noising.
+        iterations: Conjugate-gradient iterations per step; CG is exact after as many
+            iterations as :math:`A^\top A` has distinct eigenvalues (2 for a binary mask).
+
+    References:
+        Zhu et al. (2023), DiffPIR, algorithm 1 and eq. (13).
+    """
+
+    label = "diffpir"
+
+    def __init__(self, *, lam: float = 1.0, zeta: float = 0.3, iterations: int = 5) -> None:
+        if not (math.isfinite(lam) and lam > 0):
+            raise ValueError(f"lam must be positive and finite, got {lam}")
+        if not 0.0 <= zeta <= 1.0:
+            raise ValueError(f"zeta must lie in [0, 1], got {zeta}")
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
+        self.lam, self.zeta, self.iterations = float(lam), float(zeta), iterations
+
+    def check(self, A: Operator) -> None:
+        _check_linear("diffpir", A, pinv=False)
+
+    @torch.no_grad()
+    def init(
+        self,
+        denoiser: Denoiser,
+        observation: Observation,
+        x_t: Tensor,
+        levels: list[float],
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        A, y, noise_std = observation
+        adjoint_y = A.adjoint(y).to(x_t.dtype)
+        noise_var = per_item(torch.as_tensor(noise_std, dtype=x_t.dtype, device=x_t.device) ** 2, x_t)
+        return x_t, (adjoint_y, noise_var)
+
+    @torch.no_grad()
+    def step(
+        self,
+        denoiser: Denoiser,
+        observation: Observation,
+        x_t: Tensor,
+        sigma_t: float,
+        sigma_s: float,
+        carry: tuple[Tensor, Tensor],
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        A = observation.A
+        adjoint_y, noise_var = carry
+        d = denoiser(x_t, batch_sigma(sigma_t, x_t))
+        rho = self.lam * noise_var / sigma_t**2
+
+        def matvec(v: Tensor) -> Tensor:
+            return A.gram(v).to(v.dtype) + rho * v
+
+        x0_hat = solve("cg", matvec, adjoint_y + rho * d, d, iterations=self.iterations).x
+        if sigma_s == 0:
+            return x0_hat, carry
+        eps_hat = (x_t - x0_hat) / sigma_t
+        z = torch.randn(x_t.shape, generator=generator, dtype=x_t.dtype, device=x_t.device)
+        return x0_hat + sigma_s * (math.sqrt(1 - self.zeta) * eps_hat + math.sqrt(self.zeta) * z), carry
+
+
+class DataConsistency(PosteriorStep):
+    r"""Unconditional reverse steps, each followed by a data-consistency step (score-MRI, POCS).
+
+    After each DDIM / DDPM step to :math:`x_s`, either
+
+    .. math::
+        x_s \leftarrow x_s + \gamma A^\top (y - A x_s) \quad (\text{gradient}), \qquad
+        x_s \leftarrow x_s - A^+ (A x_s - y) \quad (\text{projection}).
+
+    Following the score-MRI recipe (Ye's talk, MATH.md section 2), the step acts on the noisy
+    iterate :math:`x_s` itself, against the raw observation :math:`y` (not diffused to the level),
+    the last one on the final sample. The projection is noiseless POCS: the samples end exactly on
+    :math:`\{A x = y\}` and ``noise_std`` is not used, so for noisy :math:`y` they inherit its
+    noise in the range of :math:`A^\top` (use ``"mmps"`` or :class:`DiffPIR` to weigh it). A
+    gradient step with :math:`\gamma = 1/\|A^\top A\|` is the projection for operators with
+    orthonormal rows (masks). The carry is :math:`\gamma` shaped to multiply :math:`x_s` (None
+    for the projection).
+
+    Arguments:
+        mode: ``"gradient"`` or ``"projection"``.
+        step: :math:`\gamma > 0` of the gradient step; by default :math:`1/\|A^\top A\|_2` per
+            observation, estimated by 30 power iterations on :meth:`gram` before sampling (1 for
+            a binary mask), the largest step that never overshoots.
+        eta: Stochasticity of the DDIM step (1 is ancestral DDPM sampling, as in score-MRI).
+
+    References:
+        Chung & Ye (2022), score-MRI, eq. (9)-(10); Choi et al. (2021) and Chung et al. (2022,
+        CCDF) for the projection.
+    """
+
+    label = "dc"
+
+    def __init__(self, *, mode: str = "gradient", step: float | None = None, eta: float = 1.0) -> None:
+        if mode not in _MODES:
+            known = ", ".join(_MODES)
+            raise ValueError(f"unknown data-consistency mode {mode!r}; known modes: {known}")
+        if step is not None and not (math.isfinite(step) and step > 0):
+            raise ValueError(f"step must be positive and finite, got {step}")
+        _check_eta(eta)
+        # ``step`` names the option as users know it; the attribute may not shadow the method
+        self.mode, self.gamma, self.eta = mode, step, float(eta)
+
+    def check(self, A: Operator) -> None:
+        _check_linear(f"dc (mode={self.mode!r})", A, pinv=self.mode == "projection")
+
+    @torch.no_grad()
+    def init(
+        self,
+        denoiser: Denoiser,
+        observation: Observation,
+        x_t: Tensor,
+        levels: list[float],
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        if self.mode == "projection":
+            return x_t, None
+        if self.gamma is not None:
+            return x_t, torch.tensor(self.gamma, dtype=x_t.dtype, device=x_t.device)
+        norm = _gram_norm(observation.A, x_t, generator)
+        return x_t, per_item(torch.where(norm > 0, 1 / norm, torch.zeros_like(norm)), x_t)
+
+    @torch.no_grad()
+    def step(
+        self,
+        denoiser: Denoiser,
+        observation: Observation,
+        x_t: Tensor,
+        sigma_t: float,
+        sigma_s: float,
+        carry: Tensor | None,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Tensor | None]:
+        A, y, _ = observation
+        x_s = ddim_step(denoiser, x_t, sigma_t, sigma_s, self.eta, generator)
+        if carry is None:
+            return _project(A, x_s, y), carry
+        return x_s + carry * A.adjoint(y - A(x_s)).to(x_s.dtype), carry
+
+
+class ILVR(PosteriorStep):
+    r"""Iterative latent variable refinement: replace the low frequencies after each step.
+
+    After each DDIM / DDPM step to :math:`x_s`,
+
+    .. math::
+        x_s \leftarrow x_s - \Phi x_s + \Phi y_s, \qquad \Phi = A^+ A, \qquad
+        y_s = A^+ y + \sigma_s z,
+
+    with :math:`z \sim \mathcal{N}(0, I)`: the part of :math:`x_s` that :math:`A` sees is that of
+    the observation diffused to the current level. For average downsampling :math:`\Phi` is
+    ILVR's low-pass filter (downsample, then upsample); for a mask it keeps the observed pixels.
+    Computed as :math:`x_s - A^+(A x_s - y - \sigma_s A z)`, the same map. The filter acts at
+    every level (ILVR's full conditioning range) and ``noise_std`` is not used: at
+    :math:`\sigma_s = 0` the samples satisfy :math:`\Phi x = A^+ y`. Nothing is carried.
+
+    Arguments:
+        eta: Stochasticity of the DDIM step (1 is ancestral DDPM sampling, as in ILVR).
+
+    References:
+        Choi et al. (2021), ILVR, eq. (5) and algorithm 1.
+    """
+
+    label = "ilvr"
+
+    def __init__(self, *, eta: float = 1.0) -> None:
+        _check_eta(eta)
+        self.eta = float(eta)
+
+    def check(self, A: Operator) -> None:
+        _check_linear("ilvr", A, pinv=True)
+
+    @torch.no_grad()
+    def step(
+        self,
+        denoiser: Denoiser,
+        observation: Observation,
+        x_t: Tensor,
+        sigma_t: float,
+        sigma_s: float,
+        carry: None,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, None]:
+        A, y, _ = observation
+        x_s = ddim_step(denoiser, x_t, sigma_t, sigma_s, self.eta, generator)
+        return _project(A, x_s, _diffused(A, y, sigma_s, x_s, generator)), carry
+
+
+class MCG(PosteriorStep):
+    r"""Manifold-constrained gradient: a DPS step followed by a projection onto the measurements.
+
+    Each step is the DDIM / DDPM step of the DPS posterior denoiser
+    :math:`D(x_t) + \lambda \sigma_t^2 \nabla_{x_t} \log p(y \mid D(x_t))` (see
+    :class:`cleanprior.posterior.guidance.DPS`: the Gaussian likelihood, or the normalised step
+    :math:`-\zeta \nabla_{x_t} \|y - A D(x_t)\|`), then
+
+    .. math::
+        x_s \leftarrow x_s - A^+ (A x_s - y_s), \qquad y_s = y + \sigma_s A z,
+
+    the projection onto the measurement set of the observation diffused to :math:`\sigma_s`
+    (MCG's :math:`A x_s = y_s`). At :math:`\sigma_s = 0` it projects onto :math:`\{A x = y\}`, so
+    the samples fit the observation exactly, noise included (the projection ignores
+    :math:`\sigma_y`, which only scales the Gaussian DPS step). The carry is the DPS denoiser,
+    built from the prior's at the start (the gradient runs through the prior denoiser).
+
+    Arguments:
+        zeta: DPS's normalised step size, or None for the Gaussian likelihood.
+        weight: The likelihood weight :math:`\lambda \geq 0` of the DPS step.
+        eta: Stochasticity of the DDIM step (1 is ancestral sampling, as in MCG).
+
+    References:
+        Chung et al. (2022), MCG, eq. (14) and algorithm 1; Chung et al. (2023), DPS.
+    """
+
+    label = "mcg"
+
+    def __init__(self, *, zeta: float | None = None, weight: float = 1.0, eta: float = 1.0) -> None:
+        _check_eta(eta)
+        self.zeta, self.weight, self.eta = zeta, float(weight), float(eta)
+
+    def check(self, A: Operator) -> None:
+        _check_linear("mcg", A, pinv=True)
+
+    def init(
+        self,
+        denoiser: Denoiser,
+        observation: Observation,
+        x_t: Tensor,
+        levels: list[float],
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Denoiser]:
+        A, y, noise_std = observation
+        guided = posterior_denoiser(
+            denoiser, A, y, noise_std=noise_std, method="dps", weight=self.weight, zeta=self.zeta
+        )
+        return x_t, guided
+
+    def step(
+        self,
+        denoiser: Denoiser,
+        observation: Observation,
+        x_t: Tensor,
+        sigma_t: float,
+        sigma_s: float,
+        carry: Denoiser,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, Denoiser]:
+        A, y, _ = observation
+        x_s = ddim_step(carry, x_t, sigma_t, sigma_s, self.eta, generator)
+        with torch.no_grad():
+            return _project(A, x_s, _diffused(A, y, sigma_s, x_s, generator)), carry
+
+
+def diffpir(
+    denoiser: Denoiser,
+    A: Operator,
+    y: Tensor,
+    noise_std: float | Tensor,
+    x_t: Tensor,
+    sigmas: Tensor | Sequence[float],
+    *,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    lam: float = 1.0,
+    zeta: float = 0.3,
+    iterations: int = 5,
+) -> Tensor:
+    r"""DiffPIR (:class:`DiffPIR`) run by the one sampling loop.
 
     Arguments:
         denoiser: The prior denoiser.
@@ -188,10 +422,7 @@ def diffpir(
         sigmas: Decreasing levels ending at 0, shape ``(N + 1,)``.
         generator: The source of randomness.
         progress: Show a progress bar.
-        lam: :math:`\lambda > 0`, the weight of the prior in the proximal step.
-        zeta: :math:`\zeta \in [0, 1]`, the share of fresh noise in the re-noising.
-        iterations: Conjugate-gradient iterations per step; CG is exact after as many
-            iterations as :math:`A^\top A` has distinct eigenvalues (2 for a binary mask).
+        lam, zeta, iterations: The options of :class:`DiffPIR`.
 
     Returns:
         Samples, shape ``(B, *shape)``.
@@ -199,42 +430,11 @@ def diffpir(
     Raises:
         ValueError: For a bad option or a non-linear operator (before sampling).
         NonFiniteError: If a step produces NaN or infinite values.
-
-    References:
-        Zhu et al. (2023), DiffPIR, algorithm 1 and eq. (13).
     """
-    if not (math.isfinite(lam) and lam > 0):
-        raise ValueError(f"lam must be positive and finite, got {lam}")
-    if not 0.0 <= zeta <= 1.0:
-        raise ValueError(f"zeta must lie in [0, 1], got {zeta}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"iterations must be a positive integer, got {iterations!r}")
-    _check_linear("diffpir", A, pinv=False)
-    pairs = _levels("diffpir", x_t, sigmas, progress)
-
-    x = x_t
-    adjoint_y = A.adjoint(y).to(x.dtype)
-    noise_var = _per_item(torch.as_tensor(noise_std, dtype=x.dtype, device=x.device) ** 2, x)
-    for sigma_t, sigma_s in pairs:
-        d = denoiser(x, batch_sigma(sigma_t, x))
-        rho = lam * noise_var / sigma_t**2
-
-        # rho is bound as a default so that the closure does not see a later step's value
-        def matvec(v: Tensor, rho: Tensor = rho) -> Tensor:
-            return A.gram(v).to(v.dtype) + rho * v
-
-        x0_hat = solve("cg", matvec, adjoint_y + rho * d, d, iterations=iterations).x
-        if sigma_s == 0:
-            x = x0_hat
-        else:
-            eps_hat = (x - x0_hat) / sigma_t
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            x = x0_hat + sigma_s * (math.sqrt(1 - zeta) * eps_hat + math.sqrt(zeta) * z)
-        _check_finite("diffpir", x, sigma_t, sigma_s)
-    return x
+    method = DiffPIR(lam=lam, zeta=zeta, iterations=iterations)
+    return method(denoiser, A, y, noise_std, x_t, sigmas, generator=generator, progress=progress)
 
 
-@torch.no_grad()
 def data_consistency(
     denoiser: Denoiser,
     A: Operator,
@@ -249,21 +449,7 @@ def data_consistency(
     step: float | None = None,
     eta: float = 1.0,
 ) -> Tensor:
-    r"""Unconditional reverse steps, each followed by a data-consistency step (score-MRI, POCS).
-
-    After each DDIM / DDPM step to :math:`x_s`, either
-
-    .. math::
-        x_s \leftarrow x_s + \gamma A^\top (y - A x_s) \quad (\text{gradient}), \qquad
-        x_s \leftarrow x_s - A^+ (A x_s - y) \quad (\text{projection}).
-
-    Following the score-MRI recipe (Ye's talk, MATH.md section 2), the step acts on the noisy
-    iterate :math:`x_s` itself, against the raw observation :math:`y` (not diffused to the level),
-    the last one on the final sample. The projection is noiseless POCS: the samples end exactly on
-    :math:`\{A x = y\}` and ``noise_std`` is not used, so for noisy :math:`y` they inherit its
-    noise in the range of :math:`A^\top` (use ``"mmps"`` or :func:`diffpir` to weigh it). A
-    gradient step with :math:`\gamma = 1/\|A^\top A\|` is the projection for operators with
-    orthonormal rows (masks).
+    r"""Data consistency (:class:`DataConsistency`) run by the one sampling loop.
 
     Arguments:
         denoiser: The prior denoiser.
@@ -274,11 +460,7 @@ def data_consistency(
         sigmas: Decreasing levels ending at 0, shape ``(N + 1,)``.
         generator: The source of randomness.
         progress: Show a progress bar.
-        mode: ``"gradient"`` or ``"projection"``.
-        step: :math:`\gamma > 0` of the gradient step; by default :math:`1/\|A^\top A\|_2` per
-            observation, estimated by 30 power iterations on :meth:`gram` before sampling (1 for
-            a binary mask), the largest step that never overshoots.
-        eta: Stochasticity of the DDIM step (1 is ancestral DDPM sampling, as in score-MRI).
+        mode, step, eta: The options of :class:`DataConsistency`.
 
     Returns:
         Samples, shape ``(B, *shape)``.
@@ -287,39 +469,11 @@ def data_consistency(
         ValueError: For an unknown mode, a bad step or ``eta``, or an operator without the
             pseudo-inverse the projection needs (before sampling).
         NonFiniteError: If a step produces NaN or infinite values.
-
-    References:
-        Chung & Ye (2022), score-MRI, eq. (9)-(10); Choi et al. (2021) and Chung et al. (2022,
-        CCDF) for the projection.
     """
-    if mode not in _MODES:
-        known = ", ".join(_MODES)
-        raise ValueError(f"unknown data-consistency mode {mode!r}; known modes: {known}")
-    if step is not None and not (math.isfinite(step) and step > 0):
-        raise ValueError(f"step must be positive and finite, got {step}")
-    _check_eta(eta)
-    _check_linear(f"dc (mode={mode!r})", A, pinv=mode == "projection")
-    pairs = _levels("dc", x_t, sigmas, progress)
-
-    x = x_t
-    if mode == "gradient":
-        if step is None:
-            norm = _gram_norm(A, x, generator)
-            gamma = _per_item(torch.where(norm > 0, 1 / norm, torch.zeros_like(norm)), x)
-        else:
-            gamma = torch.tensor(step, dtype=x.dtype, device=x.device)
-    sampler = DDIM(eta)
-    for sigma_t, sigma_s in pairs:
-        x = sampler.step(denoiser, x, sigma_t, sigma_s, generator)
-        if mode == "gradient":
-            x = x + gamma * A.adjoint(y - A(x)).to(x.dtype)
-        else:
-            x = _project(A, x, y)
-        _check_finite("dc", x, sigma_t, sigma_s)
-    return x
+    method = DataConsistency(mode=mode, step=step, eta=eta)
+    return method(denoiser, A, y, noise_std, x_t, sigmas, generator=generator, progress=progress)
 
 
-@torch.no_grad()
 def ilvr(
     denoiser: Denoiser,
     A: Operator,
@@ -332,20 +486,7 @@ def ilvr(
     progress: bool = False,
     eta: float = 1.0,
 ) -> Tensor:
-    r"""Iterative latent variable refinement: replace the low frequencies after each step.
-
-    After each DDIM / DDPM step to :math:`x_s`,
-
-    .. math::
-        x_s \leftarrow x_s - \Phi x_s + \Phi y_s, \qquad \Phi = A^+ A, \qquad
-        y_s = A^+ y + \sigma_s z,
-
-    with :math:`z \sim \mathcal{N}(0, I)`: the part of :math:`x_s` that :math:`A` sees is that of
-    the observation diffused to the current level. For average downsampling :math:`\Phi` is
-    ILVR's low-pass filter (downsample, then upsample); for a mask it keeps the observed pixels.
-    Computed as :math:`x_s - A^+(A x_s - y - \sigma_s A z)`, the same map. The filter acts at
-    every level (ILVR's full conditioning range) and ``noise_std`` is not used: at
-    :math:`\sigma_s = 0` the samples satisfy :math:`\Phi x = A^+ y`.
+    r"""ILVR (:class:`ILVR`) run by the one sampling loop.
 
     Arguments:
         denoiser: The prior denoiser.
@@ -356,7 +497,7 @@ def ilvr(
         sigmas: Decreasing levels ending at 0, shape ``(N + 1,)``.
         generator: The source of randomness.
         progress: Show a progress bar.
-        eta: Stochasticity of the DDIM step (1 is ancestral DDPM sampling, as in ILVR).
+        eta: Stochasticity of the DDIM step.
 
     Returns:
         Samples, shape ``(B, *shape)``.
@@ -364,21 +505,8 @@ def ilvr(
     Raises:
         ValueError: For a bad ``eta`` or an operator without a pseudo-inverse (before sampling).
         NonFiniteError: If a step produces NaN or infinite values.
-
-    References:
-        Choi et al. (2021), ILVR, eq. (5) and algorithm 1.
     """
-    _check_eta(eta)
-    _check_linear("ilvr", A, pinv=True)
-    pairs = _levels("ilvr", x_t, sigmas, progress)
-
-    x = x_t
-    sampler = DDIM(eta)
-    for sigma_t, sigma_s in pairs:
-        x = sampler.step(denoiser, x, sigma_t, sigma_s, generator)
-        x = _project(A, x, _diffused(A, y, sigma_s, x, generator))
-        _check_finite("ilvr", x, sigma_t, sigma_s)
-    return x
+    return ILVR(eta=eta)(denoiser, A, y, noise_std, x_t, sigmas, generator=generator, progress=progress)
 
 
 def mcg(
@@ -395,20 +523,7 @@ def mcg(
     weight: float = 1.0,
     eta: float = 1.0,
 ) -> Tensor:
-    r"""Manifold-constrained gradient: a DPS step followed by a projection onto the measurements.
-
-    Each step is the DDIM / DDPM step of the DPS posterior denoiser
-    :math:`D(x_t) + \lambda \sigma_t^2 \nabla_{x_t} \log p(y \mid D(x_t))` (see
-    :class:`cleanprior.posterior.guidance.DPS`: the Gaussian likelihood, or the normalised step
-    :math:`-\zeta \nabla_{x_t} \|y - A D(x_t)\|`), then
-
-    .. math::
-        x_s \leftarrow x_s - A^+ (A x_s - y_s), \qquad y_s = y + \sigma_s A z,
-
-    the projection onto the measurement set of the observation diffused to :math:`\sigma_s`
-    (MCG's :math:`A x_s = y_s`). At :math:`\sigma_s = 0` it projects onto :math:`\{A x = y\}`, so
-    the samples fit the observation exactly, noise included (the projection ignores
-    :math:`\sigma_y`, which only scales the Gaussian DPS step).
+    r"""MCG (:class:`MCG`) run by the one sampling loop.
 
     Arguments:
         denoiser: The prior denoiser (differentiable: the gradient runs through it).
@@ -419,9 +534,7 @@ def mcg(
         sigmas: Decreasing levels ending at 0, shape ``(N + 1,)``.
         generator: The source of randomness.
         progress: Show a progress bar.
-        zeta: DPS's normalised step size, or None for the Gaussian likelihood.
-        weight: The likelihood weight :math:`\lambda \geq 0` of the DPS step.
-        eta: Stochasticity of the DDIM step (1 is ancestral sampling, as in MCG).
+        zeta, weight, eta: The options of :class:`MCG`.
 
     Returns:
         Samples, shape ``(B, *shape)``.
@@ -429,28 +542,6 @@ def mcg(
     Raises:
         ValueError: For a bad option or an operator without a pseudo-inverse (before sampling).
         NonFiniteError: If a step produces NaN or infinite values.
-
-    References:
-        Chung et al. (2022), MCG, eq. (14) and algorithm 1; Chung et al. (2023), DPS.
     """
-    _check_eta(eta)
-    _check_linear("mcg", A, pinv=True)
-    guided = posterior_denoiser(
-        denoiser, A, y, noise_std=noise_std, method="dps", weight=weight, zeta=zeta
-    )
-    pairs = _levels("mcg", x_t, sigmas, progress)
-
-    x = x_t
-    sampler = DDIM(eta)
-    for sigma_t, sigma_s in pairs:
-        x = sampler.step(guided, x, sigma_t, sigma_s, generator)
-        with torch.no_grad():
-            x = _project(A, x, _diffused(A, y, sigma_s, x, generator))
-        _check_finite("mcg", x, sigma_t, sigma_s)
-    return x
-
-
-LOOPS["diffpir"] = diffpir
-LOOPS["dc"] = data_consistency
-LOOPS["ilvr"] = ilvr
-LOOPS["mcg"] = mcg
+    method = MCG(zeta=zeta, weight=weight, eta=eta)
+    return method(denoiser, A, y, noise_std, x_t, sigmas, generator=generator, progress=progress)

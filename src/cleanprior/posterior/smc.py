@@ -60,20 +60,19 @@ References:
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from cleanprior.diffusion.denoiser import Denoiser, expand_sigma
-from cleanprior.diffusion.samplers import NonFiniteError, check_grid
+from cleanprior.diffusion.denoiser import Denoiser
 from cleanprior.operators.base import Operator, inner
 from cleanprior.operators.registry import repeat_items
-from cleanprior.posterior.api import LOOPS
 from cleanprior.posterior.guidance import MMPS
 from cleanprior.posterior.linalg import SOLVERS, solve
+from cleanprior.posterior.steps import Observation, PosteriorStep
 
-__all__ = ["TWISTS", "effective_sample_size", "systematic_resample", "tds"]
+__all__ = ["TDS", "TWISTS", "effective_sample_size", "systematic_resample", "tds"]
 
 TWISTS = ("dps", "mmps")
 """The twisting likelihoods :func:`tds` knows."""
@@ -116,12 +115,18 @@ def systematic_resample(weights: Tensor, generator: torch.Generator | None = Non
     """
     if weights.ndim != 2:
         raise ValueError(f"weights must have shape (B, K), got {tuple(weights.shape)}")
-    weights = weights.to(torch.float64)
-    total = weights.sum(1, keepdim=True)
+    total = weights.to(torch.float64).sum(1, keepdim=True)
     if not (torch.isfinite(weights).all() and (weights >= 0).all() and (total > 0).all()):
         raise ValueError("weights must be non-negative and finite with a positive sum per row")
+    return _systematic(weights, generator)
+
+
+def _systematic(weights: Tensor, generator: torch.Generator | None) -> Tensor:
+    """:func:`systematic_resample` unchecked: inside a step the check would wait for the device,
+    and non-finite weights are the loop's to report."""
     batch, count = weights.shape
-    cumulative = torch.cumsum(weights / total, dim=1)
+    weights = weights.to(torch.float64)
+    cumulative = torch.cumsum(weights / weights.sum(1, keepdim=True), dim=1)
     u = torch.rand((batch, 1), generator=generator, dtype=torch.float64, device=weights.device)
     pointers = (u + torch.arange(count, dtype=torch.float64, device=weights.device)) / count
     # the last cumulative weight may round below 1: clamp the pointers that overshoot it
@@ -206,40 +211,38 @@ class _Twist:
         return d.detach(), log_p.detach(), g.detach()
 
 
-def tds(
-    denoiser: Denoiser,
-    A: Operator,
-    y: Tensor,
-    noise_std: float | Tensor,
-    x_t: Tensor,
-    sigmas: Tensor,
-    *,
-    generator: torch.Generator | None = None,
-    progress: bool = False,
-    particles: int = 16,
-    twist: str = "dps",
-    solver: str = "cg",
-    iterations: int = 3,
-    twist_variance: float = 1.0,
-    resample_threshold: float = 0.5,
-    batch_size: int | None = None,
-    return_info: bool = False,
-) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+class _Particles(NamedTuple):
+    r"""The carry of :class:`TDS`: the weighted particle system and what it needs next.
+
+    Attributes:
+        evaluate: The twist on the repeated observation.
+        d: :math:`D(x_t)` of the particles, shape ``(B K, *shape)``.
+        log_p: :math:`\log \tilde p_t(y \mid x_t)`, shape ``(B K,)``, float64.
+        g: :math:`g_t`, shape ``(B K, *shape)``.
+        log_w: Normalised log-weights, shape ``(B, K)``, float64.
+        ess: The effective sample size after each step so far, shapes ``(B,)``.
+        resampled: Resampling events per observation, shape ``(B,)``.
+    """
+
+    evaluate: _Twist
+    d: Tensor
+    log_p: Tensor
+    g: Tensor
+    log_w: Tensor
+    ess: list[Tensor]
+    resampled: Tensor
+
+
+class TDS(PosteriorStep):
     r"""The twisted diffusion sampler: one posterior sample per observation from :math:`K` particles.
 
-    Registered as ``method="tds"`` of :func:`cleanprior.posterior.sample_posterior`. The :math:`K`
-    particles of an observation all start at its ``x_t``: at :math:`\sigma_{\max}` the start carries
-    no information on :math:`x`, and the first ancestral step spreads them.
+    See the module's docstring for the proposal, the weights and the twists. The :math:`K`
+    particles of an observation all start at its ``x_t``: at :math:`\sigma_{\max}` the start
+    carries no information on :math:`x`, and the first ancestral step spreads them. The loop's
+    iterate is the particles, shape ``(B K, *shape)``; the carry (:class:`_Particles`) their
+    denoised estimates, twists, scores and log-weights.
 
     Arguments:
-        denoiser: The prior denoiser ``D(x_t, sigma)``.
-        A: A linear forward operator.
-        y: Observations, shape ``(B, *y_shape)``.
-        noise_std: :math:`\sigma_y`, a float or shape ``(B,)``.
-        x_t: Starting samples at ``sigmas[0]``, shape ``(B, *shape)``.
-        sigmas: Strictly decreasing levels, shape ``(N + 1,)``, usually ending at 0.
-        generator: The source of randomness (proposals, resampling, the final draw).
-        progress: Show a progress bar with the mean effective sample size.
         particles: :math:`K`, particles per observation.
         twist: ``"dps"`` (the default) or ``"mmps"`` (moment matching; see the module docstring).
             On a 64-D inpainting task (digits mixture, 50% missing, 64 steps) the DPS twist with
@@ -259,72 +262,95 @@ def tds(
             many correlated draws at the cost of one) and ``resampled`` (shape ``(B,)``, the number
             of resampling events per observation).
 
-    Returns:
-        Samples, shape ``(B, *shape)``; with ``return_info``, ``(samples, info)``.
-
-    Raises:
-        ValueError: For an invalid option or grid (before any sampling).
-        TypeError: For a non-linear operator.
-        NonFiniteError: If the particles or all the weights of an observation become non-finite
-            (the level is named).
+    References:
+        Wu et al. (2023), TDS, algorithm 1.
     """
-    if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
-        raise ValueError(f"tds: particles must be a positive integer, got {particles!r}")
-    if twist not in TWISTS:
-        raise ValueError(f"tds: unknown twist {twist!r}; known twists: {', '.join(TWISTS)}")
-    if solver not in SOLVERS:
-        raise ValueError(f"tds: unknown solver {solver!r}; known solvers: {sorted(SOLVERS)}")
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-        raise ValueError(f"tds: iterations must be a positive integer, got {iterations!r}")
-    if not (math.isfinite(twist_variance) and twist_variance >= 0):
-        raise ValueError(f"tds: twist_variance must be non-negative and finite, got {twist_variance}")
-    if not 0.0 <= resample_threshold <= 1.0:
-        raise ValueError(f"tds: resample_threshold must lie in [0, 1], got {resample_threshold}")
-    if batch_size is not None and (
-        isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
-    ):
-        raise ValueError(f"tds: batch_size must be a positive integer, got {batch_size!r}")
-    if not A.linear:
-        raise TypeError(
-            "tds needs a linear operator with an adjoint (its likelihood and twists are Gaussian in A x)"
-        )
-    levels = [float(s) for s in torch.as_tensor(sigmas, dtype=torch.float64).flatten()]
-    check_grid(levels)
-    if x_t.shape[0] != y.shape[0]:
-        raise ValueError(f"tds: {x_t.shape[0]} starting samples for {y.shape[0]} observations")
 
-    B, K = y.shape[0], particles
-    P = B * K
-    noise_std = torch.as_tensor(noise_std, dtype=torch.float64, device=y.device)
-    noise_var = noise_std.reshape(-1).expand(B) ** 2
-    repeated_y = y.repeat_interleave(K, dim=0)
-    A = repeat_items(A, K, y.shape[0])
-    # MMPS supplies the covariance products J v, its counters and its validated solver options
-    particle_var = noise_var.repeat_interleave(K)
-    mmps = MMPS(denoiser, A, repeated_y, particle_var.sqrt().to(y.real.dtype), solver=solver,
-                iterations=iterations)
-    evaluate = _Twist(denoiser, A, repeated_y, particle_var, twist=twist,
-                      variance=float(twist_variance), mmps=mmps, batch_size=batch_size or P)
+    label = "TDS"
 
-    x = x_t.detach().repeat_interleave(K, dim=0)
-    d, log_p, g = evaluate(x, levels[0])
-    log_w = log_p.reshape(B, K)
-    offsets = (torch.arange(B, device=y.device) * K)[:, None]
-    ess_history, resampled = [], torch.zeros(B, dtype=torch.int64, device=y.device)
+    def __init__(
+        self,
+        *,
+        particles: int = 16,
+        twist: str = "dps",
+        solver: str = "cg",
+        iterations: int = 3,
+        twist_variance: float = 1.0,
+        resample_threshold: float = 0.5,
+        batch_size: int | None = None,
+        return_info: bool = False,
+    ) -> None:
+        if isinstance(particles, bool) or not isinstance(particles, int) or particles < 1:
+            raise ValueError(f"tds: particles must be a positive integer, got {particles!r}")
+        if twist not in TWISTS:
+            raise ValueError(f"tds: unknown twist {twist!r}; known twists: {', '.join(TWISTS)}")
+        if solver not in SOLVERS:
+            raise ValueError(f"tds: unknown solver {solver!r}; known solvers: {sorted(SOLVERS)}")
+        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+            raise ValueError(f"tds: iterations must be a positive integer, got {iterations!r}")
+        if not (math.isfinite(twist_variance) and twist_variance >= 0):
+            raise ValueError(f"tds: twist_variance must be non-negative and finite, got {twist_variance}")
+        if not 0.0 <= resample_threshold <= 1.0:
+            raise ValueError(f"tds: resample_threshold must lie in [0, 1], got {resample_threshold}")
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1
+        ):
+            raise ValueError(f"tds: batch_size must be a positive integer, got {batch_size!r}")
+        self.particles, self.twist, self.solver, self.iterations = particles, twist, solver, iterations
+        self.twist_variance, self.resample_threshold = float(twist_variance), float(resample_threshold)
+        self.batch_size, self.return_info = batch_size, bool(return_info)
 
-    pairs = list(zip(levels[:-1], levels[1:]))
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    def check(self, A: Operator) -> None:
+        if not A.linear:
+            raise TypeError(
+                "tds needs a linear operator with an adjoint (its likelihood and twists are Gaussian in A x)"
+            )
 
-        bar = tqdm(pairs, desc="TDS", unit="step", leave=False)
-    for sigma_t, sigma_s in bar if bar is not None else pairs:
-        if K > 1 and resample_threshold > 0:
+    def init(
+        self,
+        denoiser: Denoiser,
+        observation: Observation,
+        x_t: Tensor,
+        levels: list[float],
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, _Particles]:
+        A, y, noise_std = observation
+        if x_t.shape[0] != y.shape[0]:
+            raise ValueError(f"tds: {x_t.shape[0]} starting samples for {y.shape[0]} observations")
+        B, K = y.shape[0], self.particles
+        noise_var = torch.as_tensor(noise_std, dtype=torch.float64, device=y.device).reshape(-1).expand(B) ** 2
+        repeated_y = y.repeat_interleave(K, dim=0)
+        A = repeat_items(A, K, B)
+        # MMPS supplies the covariance products J v, its counters and its validated solver options
+        particle_var = noise_var.repeat_interleave(K)
+        mmps = MMPS(denoiser, A, repeated_y, particle_var.sqrt().to(y.real.dtype), solver=self.solver,
+                    iterations=self.iterations)
+        evaluate = _Twist(denoiser, A, repeated_y, particle_var, twist=self.twist,
+                          variance=self.twist_variance, mmps=mmps, batch_size=self.batch_size or B * K)
+        x = x_t.detach().repeat_interleave(K, dim=0)
+        d, log_p, g = evaluate(x, levels[0])
+        resampled = torch.zeros(B, dtype=torch.int64, device=y.device)
+        return x, _Particles(evaluate, d, log_p, g, log_p.reshape(B, K), [], resampled)
+
+    def step(
+        self,
+        denoiser: Denoiser,
+        observation: Observation,
+        x_t: Tensor,
+        sigma_t: float,
+        sigma_s: float,
+        carry: _Particles,
+        generator: torch.Generator | None,
+    ) -> tuple[Tensor, _Particles]:
+        evaluate, d, log_p, g, log_w, ess_history, resampled = carry
+        B, K = log_w.shape
+        x = x_t
+        if K > 1 and self.resample_threshold > 0:
             # resampling every row, with identity ancestors where it is not due, avoids a host sync
-            due = effective_sample_size(log_w) < resample_threshold * K
-            ancestors = torch.where(due[:, None], systematic_resample(torch.softmax(log_w, 1), generator),
-                                    torch.arange(K, device=y.device)[None])
-            rows = (offsets + ancestors).reshape(-1)
+            due = effective_sample_size(log_w) < self.resample_threshold * K
+            ancestors = torch.where(due[:, None], _systematic(torch.softmax(log_w, 1), generator),
+                                    torch.arange(K, device=log_w.device)[None])
+            rows = (_offsets(B, K, log_w.device) + ancestors).reshape(-1)
             x, d, log_p, g = x[rows], d[rows], log_p[rows], g[rows]
             log_w = torch.where(due[:, None], torch.zeros_like(log_w), log_w)
             resampled = resampled + due
@@ -342,29 +368,81 @@ def tds(
             ratio = torch.zeros_like(log_p)
             log_p_next = evaluate.likelihood(x)
         log_w = log_w + (ratio + log_p_next - log_p).reshape(B, K)
-        log_p = log_p_next
         log_w = log_w - torch.logsumexp(log_w, dim=1, keepdim=True)
-        ess = effective_sample_size(log_w)
-        ess_history.append(ess)
-        if not (torch.isfinite(x).all() and torch.isfinite(ess).all()):
-            raise NonFiniteError(
-                f"TDS produced non-finite particles or weights stepping from sigma={sigma_t:.4g} "
-                f"to sigma={sigma_s:.4g}"
-            )
-        if bar is not None:
-            bar.set_postfix(ess=f"{float(ess.mean()):.1f}")
+        ess_history.append(effective_sample_size(log_w))
+        return x, _Particles(evaluate, d, log_p_next, g, log_w, ess_history, resampled)
 
-    chosen = torch.multinomial(torch.softmax(log_w, 1), 1, generator=generator)[:, 0]
-    samples = x[offsets[:, 0] + chosen]
-    if not return_info:
-        return samples
-    info = {
-        "ess": torch.stack(ess_history),
-        "log_weights": log_w,
-        "particles": x.reshape(B, K, *x.shape[1:]),
-        "resampled": resampled,
-    }
-    return samples, info
+    def finite(self, x: Tensor, carry: _Particles) -> Tensor:
+        return torch.isfinite(x).all() & torch.isfinite(carry.ess[-1]).all()
+
+    def postfix(self, carry: _Particles) -> dict[str, str]:
+        return {"ess": f"{float(carry.ess[-1].mean()):.1f}"} if carry.ess else {}
+
+    def finish(
+        self, observation: Observation, x: Tensor, carry: _Particles, generator: torch.Generator | None
+    ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+        B, K = carry.log_w.shape
+        chosen = torch.multinomial(torch.softmax(carry.log_w, 1), 1, generator=generator)[:, 0]
+        samples = x[_offsets(B, K, x.device)[:, 0] + chosen]
+        if not self.return_info:
+            return samples
+        info = {
+            "ess": torch.stack(carry.ess),
+            "log_weights": carry.log_w,
+            "particles": x.reshape(B, K, *x.shape[1:]),
+            "resampled": carry.resampled,
+        }
+        return samples, info
 
 
-LOOPS["tds"] = tds
+def _offsets(B: int, K: int, device: torch.device) -> Tensor:
+    """The row of each observation's first particle, shape ``(B, 1)``."""
+    return (torch.arange(B, device=device) * K)[:, None]
+
+
+def tds(
+    denoiser: Denoiser,
+    A: Operator,
+    y: Tensor,
+    noise_std: float | Tensor,
+    x_t: Tensor,
+    sigmas: Tensor,
+    *,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    particles: int = 16,
+    twist: str = "dps",
+    solver: str = "cg",
+    iterations: int = 3,
+    twist_variance: float = 1.0,
+    resample_threshold: float = 0.5,
+    batch_size: int | None = None,
+    return_info: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    r"""The twisted diffusion sampler (:class:`TDS`) run by the one sampling loop.
+
+    Arguments:
+        denoiser: The prior denoiser ``D(x_t, sigma)``.
+        A: A linear forward operator.
+        y: Observations, shape ``(B, *y_shape)``.
+        noise_std: :math:`\sigma_y`, a float or shape ``(B,)``.
+        x_t: Starting samples at ``sigmas[0]``, shape ``(B, *shape)``.
+        sigmas: Strictly decreasing levels, shape ``(N + 1,)``, usually ending at 0.
+        generator: The source of randomness (proposals, resampling, the final draw).
+        progress: Show a progress bar with the mean effective sample size.
+        particles, twist, solver, iterations, twist_variance, resample_threshold, batch_size,
+            return_info: The options of :class:`TDS`.
+
+    Returns:
+        Samples, shape ``(B, *shape)``; with ``return_info``, ``(samples, info)``.
+
+    Raises:
+        ValueError: For an invalid option or grid (before any sampling).
+        TypeError: For a non-linear operator.
+        NonFiniteError: If the particles or all the weights of an observation become non-finite
+            (the level is named).
+    """
+    method = TDS(particles=particles, twist=twist, solver=solver, iterations=iterations,
+                 twist_variance=twist_variance, resample_threshold=resample_threshold,
+                 batch_size=batch_size, return_info=return_info)
+    return method(denoiser, A, y, noise_std, x_t, sigmas, generator=generator, progress=progress)
