@@ -11,7 +11,7 @@ What is measured, and how:
    only at the loop's loss reads (every ``log_every`` steps, in batches), so single steps cannot
    be stamped; instead each repeat times one whole call of ``warm-up + timed`` steps and one of
    ``warm-up`` steps on the same network, and a step costs their difference over the timed
-   steps (``bench_speed.time_train_steps``, shared with ``bench_speed.py``). The set-up of a call
+   steps (``time_train_steps``, which ``bench_speed.py`` uses too). The set-up of a call
    cancels out; everything a step costs stays in: minibatch and noise draws, forward and
    backward, gradient clipping, AdamW, the EMA update and the periodic loss reads. The table
    gives the median over the repeats and their range. The MLP trains on 5-D Gaussian stand-in
@@ -62,6 +62,8 @@ from torch import Tensor
 
 import cleanprior
 from cleanprior import (
+    TrainConfig,
+    train,
     GaussianMixture,
     PreconditionedDenoiser,
     get_sampler,
@@ -230,6 +232,42 @@ def parameter_rows() -> list[list[str]]:
     return rows
 
 
+def time_ours(denoiser: PreconditionedDenoiser, data: Tensor, batch: int, warmup: int, steps: int, *,
+              compile: bool = False, seed: int = 0, **config: Any) -> float:
+    """Seconds per step of :func:`cleanprior.train`: (time of ``warmup + steps`` steps - time of ``warmup``) / ``steps``.
+
+    The callback of ``train`` runs only at its loss reads (every ``log_every`` steps), so a step
+    cannot be stamped; the difference of two whole calls cancels what a call costs once (the
+    probe, the EMA copy, the last read and snapshot) and keeps everything a step costs.
+    """
+    device = data.device
+
+    def call(n: int) -> float:
+        options = TrainConfig(steps=n, batch_size=batch, progress=False, compile=compile, **config)
+        synchronize(device)
+        began = time.perf_counter()
+        train(denoiser, data, options, generator=torch.Generator(device).manual_seed(seed))
+        synchronize(device)
+        return time.perf_counter() - began
+
+    short = call(warmup)
+    long = call(warmup + steps)
+    return (long - short) / steps
+
+
+def time_train_steps(denoiser: PreconditionedDenoiser, data: Tensor, batch: int, warmup: int, steps: int,
+                     repeats: int = 1, **config: Any) -> tuple[list[float], float | None]:
+    """Seconds per step of :func:`cleanprior.train` for each of ``repeats`` repeats, and the other load.
+
+    The helper other benchmarks (``bench_core.py``) time ``train`` with.
+    """
+    meter = LoadMeter()
+    meter.start()
+    seconds = [time_ours(denoiser, data, batch, warmup, steps, **config) for _ in range(repeats)]
+    meter.stop()
+    return seconds, meter.cores
+
+
 def bench_training(
     label: str,
     denoiser: PreconditionedDenoiser,
@@ -241,8 +279,6 @@ def bench_training(
     repeats: int,
 ) -> list[str]:
     """Time ``steps`` steps of ``train`` after ``warmup`` ones, as the difference of two whole calls, ``repeats`` times."""
-    from bench_speed import time_train_steps
-
     seconds, load = time_train_steps(denoiser, data, batch, warmup, steps, repeats, amp=amp)
     median = statistics.median(seconds)
     spread = f"{sig3(min(seconds) * 1e3)}–{sig3(max(seconds) * 1e3)}" if repeats > 1 else "–"

@@ -95,6 +95,7 @@ from bench_core import (
     markdown_table,
     sig3,
     synchronize,
+    time_ours,
 )
 
 from cleanprior import (
@@ -285,42 +286,6 @@ def time_bare(loop: BareLoop, warmup: int, steps: int) -> float:
     loop.run(steps)
     synchronize(loop.device)
     return (time.perf_counter() - began) / steps
-
-
-def time_ours(denoiser: PreconditionedDenoiser, data: Tensor, batch: int, warmup: int, steps: int, *,
-              compile: bool = False, seed: int = 0, **config: Any) -> float:
-    """Seconds per step of :func:`cleanprior.train`: (time of ``warmup + steps`` steps - time of ``warmup``) / ``steps``.
-
-    The callback of ``train`` runs only at its loss reads (every ``log_every`` steps), so a step
-    cannot be stamped; the difference of two whole calls cancels what a call costs once (the
-    probe, the EMA copy, the last read and snapshot) and keeps everything a step costs.
-    """
-    device = data.device
-
-    def call(n: int) -> float:
-        options = TrainConfig(steps=n, batch_size=batch, progress=False, compile=compile, **config)
-        synchronize(device)
-        began = time.perf_counter()
-        train(denoiser, data, options, generator=torch.Generator(device).manual_seed(seed))
-        synchronize(device)
-        return time.perf_counter() - began
-
-    short = call(warmup)
-    long = call(warmup + steps)
-    return (long - short) / steps
-
-
-def time_train_steps(denoiser: PreconditionedDenoiser, data: Tensor, batch: int, warmup: int, steps: int,
-                     repeats: int = 1, **config: Any) -> tuple[list[float], float | None]:
-    """Seconds per step of :func:`cleanprior.train` for each of ``repeats`` repeats, and the other load.
-
-    The helper other benchmarks (``bench_core.py``) time ``train`` with.
-    """
-    meter = LoadMeter()
-    meter.start()
-    seconds = [time_ours(denoiser, data, batch, warmup, steps, **config) for _ in range(repeats)]
-    meter.stop()
-    return seconds, meter.cores
 
 
 @dataclasses.dataclass

@@ -1,4 +1,5 @@
-"""Where to compute: ``--device auto|cpu|cuda|cuda:N`` resolved once, before any work.
+"""Where to compute: ``--device auto|cpu|cuda|cuda:N`` resolved once, before any work, and the
+random generator that goes with it.
 
 Every command and every library entry point that takes a ``device`` passes it through
 :func:`resolve_device`, so that ``auto`` (the default) means the GPU when there is one, and a GPU
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["resolve_device"]
+__all__ = ["device_generator", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -42,3 +43,16 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             raise ValueError(f"--device {device}: this machine has {count} CUDA GPU(s), cuda:0 to cuda:{count - 1}; "
                              "use one of them or --device auto")
     return resolved
+
+
+def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
+    """The run's generator on the training ``device``.
+
+    The one given when it is on ``device``; otherwise one on ``device`` seeded from it (or from
+    torch's default generator when none is given), so that minibatches and noise are drawn where
+    they are used and the run still follows from the caller's generator.
+    """
+    if generator is not None and generator.device.type == device.type:
+        return generator
+    seed = int(torch.randint(2**62, (), generator=generator))
+    return torch.Generator(device=device).manual_seed(seed)

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cleanprior.devices import device_generator
 from cleanprior.diffusion.denoiser import Denoiser
 from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN, make_grid
 
@@ -444,12 +445,11 @@ def get_sampler(name: str | Sampler, **options: Any) -> Sampler:
 
 
 def _default_device(denoiser: Denoiser, generator: torch.Generator | None) -> torch.device:
-    if generator is not None:
-        return generator.device
+    # where the network is first: a CPU generator must not move the sampling off the GPU
     if isinstance(denoiser, nn.Module):
         for tensor in denoiser.parameters():
             return tensor.device
-    return torch.device("cpu")
+    return generator.device if generator is not None else torch.device("cpu")
 
 
 def noisy_start(
@@ -559,7 +559,8 @@ def sample_prior(
         sampler: ``"ddim"``, ``"ddpm"``, ``"euler"``, ``"heun"``, ``"pc"``, or a sampler.
         sigma_min: The last non-zero level.
         sigma_max: The first level.
-        generator: The source of randomness (its device is the sampling device by default).
+        generator: The source of randomness; on the sampling device (that of the denoiser's
+            parameters by default) it is used as it is, on another it seeds one there.
         options: ``eta``, ``corrections``, ``snr`` (sampler options); ``grid`` (``"edm"`` or
             ``"exponential"``) and ``rho`` (grid options); ``device``, ``dtype``,
             ``batch_size`` (samples per denoiser call, to bound memory), ``progress`` and
@@ -592,6 +593,8 @@ def sample_prior(
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     runner = get_sampler(sampler, **sampler_options)
     sigmas = make_grid(steps, sigma_min, sigma_max, grid=grid, rho=rho)
+    if generator is not None:
+        generator = device_generator(generator, device)
 
     chunks = []
     for start in range(0, n, batch_size):

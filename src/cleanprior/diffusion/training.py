@@ -37,7 +37,8 @@ from torch import Tensor
 from cleanprior.diffusion.denoiser import expand_sigma
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN, ExponentialSchedule
-from cleanprior.training.loop import Update, device_generator, optimize
+from cleanprior.devices import device_generator
+from cleanprior.training.loop import Update, optimize
 
 __all__ = [
     "TrainConfig", "TrainResult", "TrainingLoss", "dsm_loss", "dsm_weight", "ema_update", "sample_sigma", "train",

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from cleanprior.devices import device_generator
 from cleanprior.diffusion.denoiser import Denoiser
 from cleanprior.diffusion.samplers import SAMPLER_OPTIONS, compiled, get_sampler, noisy_start
 from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN, make_grid
@@ -158,7 +159,8 @@ def sample_posterior(
             ``"pnpdm"``); :data:`METHOD_TABLE` lists them.
         steps: The number of grid steps (below ``sigma_start`` when starting late).
         sampler: The sampler that runs a guidance rule (``ddim``, ``ddpm``, ``heun``, ``pc``).
-        generator: The source of randomness.
+        generator: The source of randomness; on the device of ``y`` it is used as it is, on
+            another it seeds one there.
         options: The rule's options (``weight``, ``zeta``, ``solver``, ``iterations``,
             ``guidance`` for ``"pc"``); the sampler's (``eta``, ``corrections``, ``snr``); the
             grid's (``sigma_min``, ``sigma_max``, ``grid``, ``rho``); the CCDF start (``start``,
@@ -203,6 +205,8 @@ def sample_posterior(
             raise ValueError(f"start must have shape {(y.shape[0], *shape)}, got {tuple(start.shape)}")
         sigma_max = float(sigma_start)
     sigmas = make_grid(steps, sigma_min, sigma_max, grid=grid, rho=rho)
+    if generator is not None:
+        generator = device_generator(generator, y.device)
     x_t = noisy_start(start, sigma_max, (y.shape[0], *shape), generator=generator, dtype=dtype, device=y.device)
 
     rule = METHOD_TABLE[method]

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Trained", "Update", "device_generator", "optimize"]
+__all__ = ["Trained", "Update", "optimize"]
 
 StepLoss = Callable[[int, int], "Tensor | Mapping[str, Tensor]"]
 
@@ -93,19 +93,6 @@ class Trained:
     step: int
     history: dict[str, list[float]]
     state: dict[str, Any]
-
-
-def device_generator(generator: torch.Generator | None, device: torch.device) -> torch.Generator:
-    """The run's generator on the training ``device``.
-
-    The one given when it is on ``device``; otherwise one on ``device`` seeded from it (or from
-    torch's default generator when none is given), so that minibatches and noise are drawn where
-    they are used and the run still follows from the caller's generator.
-    """
-    if generator is not None and generator.device.type == device.type:
-        return generator
-    seed = int(torch.randint(2**62, (), generator=generator))
-    return torch.Generator(device=device).manual_seed(seed)
 
 
 def _adamw(update: Update, device: torch.device) -> torch.optim.AdamW:
