@@ -66,10 +66,12 @@ class Mask(LinearOperator):
         if not mask.is_floating_point():
             mask = mask.float()
         self.register_buffer("mask", mask)
+        # read once: samplers ask at every step, and reading the mask then would wait for the device
+        self._binary = bool(((mask == 0) | (mask == 1)).all())
 
     @property
     def has_pinv(self) -> bool:  # type: ignore[override]
-        return bool(((self.mask == 0) | (self.mask == 1)).all())
+        return self._binary
 
     def _check(self, x: Tensor, what: str) -> None:
         check_batch("mask", self.mask, x.shape[0])
