@@ -38,10 +38,10 @@ from cleanprior.diffusion.denoiser import expand_sigma
 from cleanprior.diffusion.precondition import PreconditionedDenoiser
 from cleanprior.diffusion.schedules import SIGMA_MAX, SIGMA_MIN, ExponentialSchedule
 from cleanprior.devices import device_generator
-from cleanprior.training.loop import Update, optimize
+from cleanprior.training.loop import Update, optimize, resume_state
 
 __all__ = [
-    "TrainConfig", "TrainResult", "TrainingLoss", "dsm_loss", "dsm_weight", "ema_update", "sample_sigma", "train",
+    "TrainConfig", "TrainResult", "TrainingLoss", "dsm_loss", "dsm_weight", "sample_sigma", "train",
 ]
 
 
@@ -248,42 +248,12 @@ class TrainResult:
     losses: list[float]
 
 
-def ema_update(ema: PreconditionedDenoiser, model: PreconditionedDenoiser, decay: float) -> None:
-    r"""Move the EMA weights towards the model's, :math:`\bar\theta \leftarrow \beta \bar\theta + (1 - \beta)\theta`,
-    and copy its buffers.
-
-    Arguments:
-        ema: The moving average, updated in place.
-        model: The trained model.
-        decay: :math:`\beta`, in [0, 1).
-    """
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters()):
-            e.lerp_(p, 1 - decay)
-        for e, b in zip(ema.buffers(), model.buffers()):
-            e.copy_(b)
-
-
 def _on_device(data: Tensor, device: torch.device) -> Tensor:
     """``data`` on the training device when it fits in a quarter of the free memory, else as it is."""
     if data.device == device or device.type != "cuda":
         return data.to(device)
     free, _ = torch.cuda.mem_get_info(device)
     return data.to(device) if data.numel() * data.element_size() < free // 4 else data
-
-
-def _resume_state(training: dict[str, Any]) -> dict[str, Any]:
-    """The loop's state from a checkpoint's ``training`` entry (also the layout before the one loop)."""
-    if "models" in training:
-        return training
-    return {
-        "step": training["step"],
-        "history": {"loss": list(training["losses"])},
-        "generator": training["generator"],
-        "models": {"loss": training["model"]},
-        "emas": {},
-        "optimizers": {"loss": training["optimizer"]},
-    }
 
 
 def train(
@@ -381,10 +351,9 @@ def train(
         saved = load_checkpoint(path, map_location=device)
         if saved.get("training") is None:
             raise ValueError(f"{path} holds no training state to resume from")
-        state = _resume_state(saved["training"])
+        state = resume_state(saved)
         if state["generator"].numel() != generator.get_state().numel():
             raise ValueError(f"{path} was trained with its draws on another kind of device; resume it there")
-        state["emas"] = {"loss": saved["state_dict"]}
 
     data = _on_device(data, device)
     model = torch.compile(denoiser) if config.compile else denoiser

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
-from cleanprior.training.loop import Update, optimize
+from cleanprior.training.loop import Update, optimize, resume_state
 
 __all__ = ["LoopConfig", "check_network", "make_generator", "train_network"]
 
@@ -204,7 +204,7 @@ def train_network(
             keys=("kind", "state_dict", "metadata", "training"),
         )
         _refuse_other_options(path, saved, kind, config, metadata)
-        state = _resume_state(saved)
+        state = resume_state(saved)
 
     def save(current: dict[str, Any]) -> None:
         if path is None:
@@ -235,21 +235,3 @@ def train_network(
         postfix=postfix,
     )
     return (ema if ema is not None else network), trained.history
-
-
-def _resume_state(saved: Mapping[str, Any]) -> dict[str, Any]:
-    """The loop's state from a checkpoint (also of the layouts before the one loop)."""
-    training = saved["training"]
-    if "models" in training:
-        return dict(training)
-    history = {k: list(v) for k, v in training.get("history", {}).items()}
-    if "losses" in training:
-        history["loss"] = list(training["losses"])
-    return {
-        "step": training["step"],
-        "history": history,
-        "generator": training["generator"],
-        "models": {"loss": training.get("model", saved["state_dict"])},
-        "emas": {"loss": saved["state_dict"]},
-        "optimizers": {"loss": training["optimizer"]},
-    }

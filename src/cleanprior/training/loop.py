@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Trained", "Update", "optimize"]
+__all__ = ["Trained", "Update", "ema_update", "optimize", "resume_state"]
 
 StepLoss = Callable[[int, int], "Tensor | Mapping[str, Tensor]"]
 
@@ -105,13 +105,43 @@ def _adamw(update: Update, device: torch.device) -> torch.optim.AdamW:
     )
 
 
-def _ema_step(ema: nn.Module, module: nn.Module, decay: float) -> None:
+def ema_update(ema: nn.Module, module: nn.Module, decay: float) -> None:
+    r"""Move the moving average towards the weights, :math:`\bar\theta \leftarrow \beta \bar\theta +
+    (1 - \beta)\theta`, and copy the buffers.
+
+    Arguments:
+        ema: The moving average, updated in place.
+        module: The trained module.
+        decay: :math:`\beta`, in [0, 1).
+    """
     with torch.no_grad():
         targets = list(ema.parameters())
         if targets:
             torch._foreach_lerp_(targets, list(module.parameters()), 1 - decay)
         for e, b in zip(ema.buffers(), module.buffers(), strict=True):
             e.copy_(b)
+
+
+def resume_state(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
+    """The loop's state from a checkpoint of one update named ``"loss"`` (the layout of
+    :func:`cleanprior.train` and the reconstruction networks), also of the layouts before the
+    one loop: ``training`` with ``model``, ``optimizer`` and ``losses`` or ``history``, beside
+    the weights to use under ``state_dict``.
+    """
+    training = checkpoint["training"]
+    if "models" in training:
+        return dict(training)
+    history = {k: list(v) for k, v in training.get("history", {}).items()}
+    if "losses" in training:
+        history["loss"] = list(training["losses"])
+    return {
+        "step": training["step"],
+        "history": history,
+        "generator": training["generator"],
+        "models": {"loss": training.get("model", checkpoint["state_dict"])},
+        "emas": {"loss": checkpoint["state_dict"]},
+        "optimizers": {"loss": training["optimizer"]},
+    }
 
 
 def _cpu(state: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -287,7 +317,7 @@ def optimize(
                     nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], update.clip)
                 optimizer.step()
                 if update.ema is not None:
-                    _ema_step(update.ema, update.module, update.ema_decay)
+                    ema_update(update.ema, update.module, update.ema_decay)
                 values.append(loss.detach())
             terms[update.name] = values[0] if len(values) == 1 else torch.stack(values).mean()
         pending.append((step, terms))
